@@ -1,0 +1,407 @@
+//! MQTT in and out: the connection to the broker, subscriptions, the
+//! retained Status and its Last Will, and publishing with an outbox that
+//! survives disconnections.
+//!
+//! Two tasks: the event loop (always polled; reconnects with capped
+//! exponential backoff; routes incoming messages) and the publisher (hands
+//! outgoing messages to rumqttc while connected, keeps them in a bounded
+//! outbox while not, acknowledges each request after its answer). The
+//! payload types are in [`protocol`]; what happens to a request is the
+//! pipeline's business.
+
+pub mod protocol;
+pub mod tls;
+pub mod topics;
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rumqttc::{
+    AsyncClient, ConnectionError, Event, EventLoop, LastWill, MqttOptions, NetworkOptions,
+    Outgoing, Packet, Publish, QoS, Request, TlsConfiguration, Transport,
+};
+use tokio::sync::{mpsc, watch};
+use tracing::{debug, info, warn};
+
+use crate::config::{BusConfig, Encoding, LoadedConfig};
+use crate::metrics::Metrics;
+use crate::pipeline::{error_message, AckToken, Incoming, Outbound, Pipeline, Pushed, ToBus};
+use crate::refdb::RefDb;
+use protocol::{AgentState, ModelRef, RefDbState, Status, StatusPeek, Will};
+pub use topics::Topics;
+
+/// Facts the Status message reports.
+pub struct StatusSource {
+    pub device_id: String,
+    pub fleet: String,
+    pub model: ModelRef,
+    pub execution_provider: String,
+    pub started_ms: u64,
+    pub refdb: Arc<RefDb>,
+    pub encoding: Encoding,
+    boot_id: Mutex<String>,
+}
+
+impl StatusSource {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        device_id: String,
+        fleet: String,
+        model: ModelRef,
+        execution_provider: String,
+        refdb: Arc<RefDb>,
+        encoding: Encoding,
+    ) -> Self {
+        Self {
+            device_id,
+            fleet,
+            model,
+            execution_provider,
+            started_ms: crate::clock::now_ms(),
+            refdb,
+            encoding,
+            boot_id: Mutex::new(new_boot_id()),
+        }
+    }
+
+    pub fn boot_id(&self) -> String {
+        self.boot_id.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn renew_boot_id(&self) -> String {
+        let id = new_boot_id();
+        *self.boot_id.lock().unwrap_or_else(|p| p.into_inner()) = id.clone();
+        id
+    }
+
+    pub fn status(&self, state: AgentState) -> Status {
+        let meta = self.refdb.meta();
+        Status {
+            state,
+            device_id: self.device_id.clone(),
+            fleet: self.fleet.clone(),
+            boot_id: self.boot_id(),
+            agent_version: env!("CARGO_PKG_VERSION").to_string(),
+            model: self.model.clone(),
+            execution_provider: self.execution_provider.clone(),
+            refdb: RefDbState {
+                version: meta.version,
+                digest: meta.digest,
+                refs: meta.refs,
+                labels: meta.labels,
+            },
+            started_ms: self.started_ms,
+            ts_ms: crate::clock::now_ms(),
+        }
+    }
+
+    pub fn status_payload(&self, state: AgentState) -> Vec<u8> {
+        protocol::encode(&self.status(state), self.encoding)
+    }
+
+    fn will(&self, topic: &str) -> LastWill {
+        let will = Will {
+            state: AgentState::Offline,
+            device_id: self.device_id.clone(),
+            boot_id: self.boot_id(),
+        };
+        LastWill::new(topic, protocol::encode(&will, self.encoding), QoS::AtLeastOnce, true)
+    }
+}
+
+/// A random 128-bit id, hex.
+fn new_boot_id() -> String {
+    use rand::RngCore;
+    let mut b = [0u8; 16];
+    rand::thread_rng().fill_bytes(&mut b);
+    crate::manifest::hex(&b)
+}
+
+fn qos(q: u8) -> QoS {
+    match q {
+        0 => QoS::AtMostOnce,
+        1 => QoS::AtLeastOnce,
+        _ => QoS::ExactlyOnce,
+    }
+}
+
+/// MQTT options from the config: persistent session, stable client id,
+/// packet limits, credentials, TLS.
+pub fn mqtt_options(cfg: &LoadedConfig, status: &StatusSource, topics: &Topics) -> anyhow::Result<MqttOptions> {
+    let bus: &BusConfig = &cfg.config.bus;
+    let client_id = bus
+        .client_id
+        .clone()
+        .unwrap_or_else(|| format!("retail-agent-{}", cfg.config.device_id));
+    let mut o = MqttOptions::new(client_id, bus.host.clone(), bus.port);
+    o.set_keep_alive(Duration::from_secs(bus.keep_alive_s.max(5)));
+    o.set_clean_session(false);
+    o.set_manual_acks(true);
+    o.set_max_packet_size(bus.max_packet_bytes, bus.max_packet_bytes);
+    o.set_inflight(100);
+    o.set_last_will(status.will(&topics.status));
+    if let Some(user) = &bus.username {
+        o.set_credentials(user.clone(), bus.password.clone().unwrap_or_default());
+    }
+    if let Some(tls) = &bus.tls {
+        let resolved = crate::config::TlsConfig {
+            ca_file: cfg.resolve(&tls.ca_file),
+            cert_file: tls.cert_file.as_ref().map(|p| cfg.resolve(p)),
+            key_file: tls.key_file.as_ref().map(|p| cfg.resolve(p)),
+        };
+        let client = tls::client_config(&resolved)?;
+        o.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(client)));
+    }
+    Ok(o)
+}
+
+/// Everything the event-loop task works with.
+pub struct EventLoopTask {
+    pub eventloop: EventLoop,
+    pub client: AsyncClient,
+    pub topics: Topics,
+    pub status: Arc<StatusSource>,
+    pub pipeline: Arc<Pipeline>,
+    pub metrics: Arc<Metrics>,
+    pub out: mpsc::Sender<ToBus>,
+    pub connected: watch::Sender<bool>,
+    /// Cleared on shutdown: crop requests are then left unacknowledged.
+    pub accepting: Arc<AtomicBool>,
+    /// Set on shutdown: a disconnection ends the task.
+    pub stopping: watch::Receiver<bool>,
+    pub reconnect_min: Duration,
+    pub reconnect_max: Duration,
+}
+
+impl EventLoopTask {
+    fn subscriptions(&self) -> Vec<rumqttc::SubscribeFilter> {
+        let mut subs = vec![
+            rumqttc::SubscribeFilter::new(self.topics.crops.clone(), QoS::AtLeastOnce),
+            rumqttc::SubscribeFilter::new(self.topics.status.clone(), QoS::AtLeastOnce),
+        ];
+        if let Some(pool) = &self.topics.pool_subscription {
+            subs.push(rumqttc::SubscribeFilter::new(pool.clone(), QoS::AtLeastOnce));
+        }
+        subs
+    }
+
+    /// Polls the connection until shutdown; reconnects after errors.
+    pub async fn run(mut self) {
+        let mut network = NetworkOptions::new();
+        network.set_tcp_nodelay(true);
+        network.set_connection_timeout(10);
+        self.eventloop.set_network_options(network);
+        let mut backoff = self.reconnect_min;
+        let mut saved: Vec<Request> = Vec::new();
+        loop {
+            match self.eventloop.poll().await {
+                Ok(Event::Incoming(Packet::ConnAck(ack))) => {
+                    backoff = self.reconnect_min;
+                    if !ack.session_present && !saved.is_empty() {
+                        // rumqttc drops its in-flight messages when the broker has
+                        // no session for us; send them again ourselves.
+                        warn!(count = saved.len(), "broker had no session for us; re-sending in-flight messages");
+                        self.eventloop.pending.extend(saved.drain(..));
+                    }
+                    saved.clear();
+                    info!(session_present = ack.session_present, boot_id = %self.status.boot_id(), "connected to the broker");
+                    if let Err(e) = self.client.try_subscribe_many(self.subscriptions()) {
+                        warn!("cannot queue subscriptions: {e}");
+                    }
+                    self.publish_status();
+                    let _ = self.connected.send(true);
+                }
+                Ok(Event::Incoming(Packet::Publish(p))) => self.on_publish(p),
+                Ok(Event::Outgoing(Outgoing::Disconnect)) => {
+                    let _ = self.connected.send(false);
+                    if *self.stopping.borrow() {
+                        break;
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    let _ = self.connected.send(false);
+                    if *self.stopping.borrow() {
+                        debug!("connection closed during shutdown: {e}");
+                        break;
+                    }
+                    saved = self
+                        .eventloop
+                        .pending
+                        .iter()
+                        .filter(|r| matches!(r, Request::Publish(_)))
+                        .cloned()
+                        .collect();
+                    self.status.renew_boot_id();
+                    self.eventloop.mqtt_options.set_last_will(self.status.will(&self.topics.status));
+                    log_connection_error(&e, backoff);
+                    let mut stopping = self.stopping.clone();
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {}
+                        _ = stopping.changed() => {}
+                    }
+                    if *self.stopping.borrow() {
+                        break;
+                    }
+                    backoff = (backoff * 2).min(self.reconnect_max);
+                }
+            }
+        }
+    }
+
+    fn publish_status(&self) {
+        let payload = self.status.status_payload(AgentState::Online);
+        if let Err(e) = self
+            .client
+            .try_publish(&self.topics.status, QoS::AtLeastOnce, true, payload)
+        {
+            warn!("cannot queue the status message: {e}");
+        }
+    }
+
+    fn on_publish(&mut self, p: Publish) {
+        let topic = p.topic.clone();
+        if self.topics.is_crops(&topic) {
+            if !self.accepting.load(Ordering::Acquire) {
+                // Shutting down: leave it unacknowledged for redelivery.
+                return;
+            }
+            let ack = (p.qos != QoS::AtMostOnce).then_some(AckToken {
+                pkid: p.pkid,
+                qos: p.qos as u8,
+            });
+            let msg = Incoming {
+                payload: p.payload,
+                received: Instant::now(),
+                ack,
+            };
+            match self.pipeline.submit(msg) {
+                Pushed::Queued => {}
+                Pushed::DroppedOldest(dropped) | Pushed::Rejected(dropped) => self.report_drop(dropped),
+            }
+            return;
+        }
+        if topic == self.topics.status {
+            self.check_own_status(&p.payload);
+        }
+        if p.qos != QoS::AtMostOnce {
+            if let Err(e) = self.client.try_ack(&p) {
+                warn!("cannot acknowledge a message on {topic}: {e}");
+            }
+        }
+    }
+
+    /// A stale Will (or any "offline" of another boot) on our own status
+    /// topic while we run: publish "online" again.
+    fn check_own_status(&self, payload: &[u8]) {
+        let Ok(enc) = protocol::detect_encoding(payload) else {
+            return;
+        };
+        if let Ok(peek) = protocol::decode::<StatusPeek>(payload, enc) {
+            let ours = peek.boot_id.as_deref() == Some(self.status.boot_id().as_str());
+            if peek.state == AgentState::Offline && !ours {
+                info!(stale_boot_id = peek.boot_id.as_deref().unwrap_or("-"), "a stale offline status was retained; publishing online again");
+                self.publish_status();
+            }
+        }
+    }
+
+    fn report_drop(&self, dropped: Incoming) {
+        self.metrics.add_dropped(1);
+        let out = self.out.clone();
+        let topic = self.topics.errors.clone();
+        let default_encoding = self.status.encoding;
+        let policy_reason = "dropped: the ingest queue is full (pipeline.overflow)".to_string();
+        // Reading the request id means parsing the payload: not on the reactor.
+        tokio::task::spawn_blocking(move || {
+            let request_id = protocol::peek_request_id(&dropped.payload);
+            warn!(request_id = request_id.as_deref().unwrap_or("-"), "request dropped: ingest queue full");
+            let encoding = protocol::detect_encoding(&dropped.payload).unwrap_or(default_encoding);
+            let msg = error_message(&topic, encoding, request_id, policy_reason, dropped.ack);
+            let _ = out.blocking_send(ToBus::Send(msg));
+        });
+    }
+}
+
+fn log_connection_error(e: &ConnectionError, backoff: Duration) {
+    warn!(retry_in_ms = backoff.as_millis() as u64, "broker connection failed: {e}");
+}
+
+/// Hands messages to rumqttc while connected; keeps up to `capacity`
+/// messages (QoS > 0) in an outbox while not, dropping the oldest beyond.
+pub struct PublisherTask {
+    pub client: AsyncClient,
+    pub rx: mpsc::Receiver<ToBus>,
+    pub connected: watch::Receiver<bool>,
+    pub capacity: usize,
+    pub metrics: Arc<Metrics>,
+}
+
+impl PublisherTask {
+    pub async fn run(mut self) {
+        let mut outbox: VecDeque<Outbound> = VecDeque::new();
+        loop {
+            tokio::select! {
+                biased;
+                changed = self.connected.changed() => {
+                    if changed.is_err() {
+                        break;
+                    }
+                    if *self.connected.borrow() {
+                        self.drain(&mut outbox).await;
+                    }
+                }
+                cmd = self.rx.recv() => match cmd {
+                    None => break,
+                    Some(ToBus::Send(m)) => {
+                        if *self.connected.borrow() && outbox.is_empty() {
+                            self.send(m).await;
+                        } else if m.qos > 0 {
+                            if outbox.len() >= self.capacity {
+                                outbox.pop_front();
+                                self.metrics.add_dropped(1);
+                                warn!("outbox full while disconnected: dropped the oldest message");
+                            }
+                            outbox.push_back(m);
+                        }
+                    }
+                    Some(ToBus::Flush(done)) => {
+                        if *self.connected.borrow() {
+                            self.drain(&mut outbox).await;
+                        }
+                        let _ = done.send(());
+                    }
+                },
+            }
+        }
+    }
+
+    async fn drain(&self, outbox: &mut VecDeque<Outbound>) {
+        if !outbox.is_empty() {
+            info!(count = outbox.len(), "publishing messages kept while disconnected");
+        }
+        while let Some(m) = outbox.pop_front() {
+            self.send(m).await;
+        }
+    }
+
+    async fn send(&self, m: Outbound) {
+        if let Err(e) = self
+            .client
+            .publish(m.topic.as_str(), qos(m.qos), m.retain, m.payload)
+            .await
+        {
+            warn!(topic = %m.topic, "cannot publish: {e}");
+            return;
+        }
+        if let Some(ack) = m.ack {
+            let mut p = Publish::new("", qos(ack.qos), Vec::<u8>::new());
+            p.pkid = ack.pkid;
+            if let Err(e) = self.client.ack(&p).await {
+                warn!("cannot acknowledge request {}: {e}", ack.pkid);
+            }
+        }
+    }
+}

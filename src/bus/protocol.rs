@@ -1,0 +1,442 @@
+//! The MQTT contract's payloads (`shared/spec/PROTOCOL.md`, v1): their
+//! types, the encoding detection, and JSON/MessagePack (de)serialisation.
+//!
+//! Binary fields are MessagePack `bin` or, in JSON, standard base64 strings;
+//! [`Bytes`] reads both and writes whichever the target format calls for.
+//! Owns no I/O and no behaviour beyond checking a message's shape.
+
+use serde::de::{self, Deserializer, Visitor};
+use serde::{Deserialize, Serialize, Serializer};
+
+use crate::config::Encoding;
+use crate::vision::RawFormat;
+
+/// Longest `request_id`, in bytes.
+pub const MAX_REQUEST_ID: usize = 128;
+/// Largest `top_k` honoured; larger values are clamped.
+pub const MAX_TOP_K: usize = 20;
+
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ProtocolError {
+    #[error("payload is empty")]
+    Empty,
+    #[error("payload is neither JSON (starts with '{{') nor a MessagePack map (first byte 0x{0:02x})")]
+    UnknownEncoding(u8),
+    #[error("malformed {encoding} payload: {message}")]
+    Malformed { encoding: &'static str, message: String },
+    #[error("request_id must be 1 to {MAX_REQUEST_ID} bytes, got {0}")]
+    RequestId(usize),
+    #[error("crops must hold 1 to {max} crops, got {got}")]
+    CropCount { got: usize, max: usize },
+}
+
+/// Detects a payload's encoding from its first byte, as the contract says.
+pub fn detect_encoding(payload: &[u8]) -> Result<Encoding, ProtocolError> {
+    let first = payload
+        .iter()
+        .copied()
+        .find(|b| !b" \t\r\n".contains(b))
+        .ok_or(ProtocolError::Empty)?;
+    match first {
+        b'{' => Ok(Encoding::Json),
+        0x80..=0x8f | 0xde | 0xdf if payload[0] == first => Ok(Encoding::Msgpack),
+        other => Err(ProtocolError::UnknownEncoding(other)),
+    }
+}
+
+/// Decodes `payload` in the given encoding.
+pub fn decode<'a, T: Deserialize<'a>>(payload: &'a [u8], encoding: Encoding) -> Result<T, ProtocolError> {
+    match encoding {
+        Encoding::Json => serde_json::from_slice(payload).map_err(|e| ProtocolError::Malformed {
+            encoding: "JSON",
+            message: e.to_string(),
+        }),
+        Encoding::Msgpack => rmp_serde::from_slice(payload).map_err(|e| ProtocolError::Malformed {
+            encoding: "MessagePack",
+            message: e.to_string(),
+        }),
+    }
+}
+
+/// Encodes `value`: JSON, or MessagePack as a map with string keys.
+pub fn encode<T: Serialize>(value: &T, encoding: Encoding) -> Vec<u8> {
+    let out = match encoding {
+        Encoding::Json => serde_json::to_vec(value).map_err(|e| e.to_string()),
+        Encoding::Msgpack => rmp_serde::to_vec_named(value).map_err(|e| e.to_string()),
+    };
+    // Our own types always serialise; an error here is a bug worth a clear trace.
+    out.unwrap_or_else(|e| {
+        tracing::error!("cannot encode an outgoing message: {e}");
+        Vec::new()
+    })
+}
+
+/// Binary data: MessagePack `bin` on the wire, base64 in JSON.
+#[derive(Clone, PartialEq, Eq, Default)]
+pub struct Bytes(pub Vec<u8>);
+
+impl std::fmt::Debug for Bytes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Bytes({} bytes)", self.0.len())
+    }
+}
+
+impl Serialize for Bytes {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        if s.is_human_readable() {
+            use base64::Engine;
+            s.serialize_str(&base64::engine::general_purpose::STANDARD.encode(&self.0))
+        } else {
+            s.serialize_bytes(&self.0)
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Bytes {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Bytes;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("binary data (MessagePack bin, or a base64 string in JSON)")
+            }
+            fn visit_bytes<E: de::Error>(self, v: &[u8]) -> Result<Bytes, E> {
+                Ok(Bytes(v.to_vec()))
+            }
+            fn visit_byte_buf<E: de::Error>(self, v: Vec<u8>) -> Result<Bytes, E> {
+                Ok(Bytes(v))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Bytes, E> {
+                use base64::Engine;
+                base64::engine::general_purpose::STANDARD
+                    .decode(v)
+                    .map(Bytes)
+                    .map_err(|e| E::custom(format!("invalid base64: {e}")))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// `raw` pixels of a crop.
+#[derive(Debug, Clone, Deserialize)]
+pub struct RawPixels {
+    pub width: u32,
+    pub height: u32,
+    pub format: RawFormat,
+    pub data: Bytes,
+}
+
+/// One crop of a request as sent; "exactly one of image/raw/bbox" is
+/// checked per crop ([`Crop::source`]) so one bad crop fails alone.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Crop {
+    #[serde(default)]
+    pub id: Option<String>,
+    #[serde(default)]
+    pub image: Option<Bytes>,
+    #[serde(default)]
+    pub raw: Option<RawPixels>,
+    #[serde(default)]
+    pub bbox: Option<Vec<f64>>,
+}
+
+/// Where a crop's pixels come from.
+#[derive(Debug, Clone, Copy)]
+pub enum CropSource<'a> {
+    Image(&'a [u8]),
+    Raw(&'a RawPixels),
+    Bbox(&'a [f64]),
+}
+
+impl Crop {
+    pub fn source(&self) -> Result<CropSource<'_>, String> {
+        match (&self.image, &self.raw, &self.bbox) {
+            (Some(i), None, None) => Ok(CropSource::Image(&i.0)),
+            (None, Some(r), None) => Ok(CropSource::Raw(r)),
+            (None, None, Some(b)) => Ok(CropSource::Bbox(b)),
+            (None, None, None) => Err("crop has none of image, raw or bbox".into()),
+            _ => Err("crop must have exactly one of image, raw or bbox".into()),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct CropRequest {
+    pub request_id: String,
+    #[serde(default)]
+    pub camera_id: Option<String>,
+    #[serde(default)]
+    pub frame_id: Option<u64>,
+    #[serde(default)]
+    pub ts_ms: Option<u64>,
+    #[serde(default)]
+    pub top_k: Option<u8>,
+    #[serde(default)]
+    pub frame: Option<Bytes>,
+    pub crops: Vec<Crop>,
+}
+
+impl CropRequest {
+    /// Checks the message-level rules (request_id length, crop count).
+    pub fn validate(&self, max_crops: usize) -> Result<(), ProtocolError> {
+        if self.request_id.is_empty() || self.request_id.len() > MAX_REQUEST_ID {
+            return Err(ProtocolError::RequestId(self.request_id.len()));
+        }
+        if self.crops.is_empty() || self.crops.len() > max_crops {
+            return Err(ProtocolError::CropCount {
+                got: self.crops.len(),
+                max: max_crops,
+            });
+        }
+        Ok(())
+    }
+
+    /// The crop's id: as sent, or its index.
+    pub fn crop_id(&self, index: usize) -> String {
+        self.crops[index]
+            .id
+            .clone()
+            .unwrap_or_else(|| index.to_string())
+    }
+}
+
+/// Reads only `request_id` from a payload that failed to decode fully.
+pub fn peek_request_id(payload: &[u8]) -> Option<String> {
+    #[derive(Deserialize)]
+    struct Peek {
+        request_id: String,
+    }
+    let enc = detect_encoding(payload).ok()?;
+    decode::<Peek>(payload, enc)
+        .ok()
+        .map(|p| p.request_id)
+        .filter(|id| !id.is_empty() && id.len() <= MAX_REQUEST_ID)
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelRef {
+    pub id: String,
+    pub fingerprint: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CandidateOut {
+    pub label: String,
+    pub similarity: f32,
+    pub ref_id: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ClassifierOut {
+    pub label: String,
+    pub probability: f32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ItemDecision {
+    Match,
+    Unknown,
+    Error,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Item {
+    pub id: String,
+    pub decision: ItemDecision,
+    pub label: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub similarity: Option<f32>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub distance: Option<f32>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub candidates: Option<Vec<CandidateOut>>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub classifier: Option<ClassifierOut>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub error: Option<String>,
+}
+
+impl Item {
+    pub fn error(id: String, error: String) -> Self {
+        Self {
+            id,
+            decision: ItemDecision::Error,
+            label: None,
+            similarity: None,
+            distance: None,
+            candidates: None,
+            classifier: None,
+            error: Some(error),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TimingUs {
+    pub queue: u64,
+    pub decode: u64,
+    pub infer: u64,
+    pub search: u64,
+    pub total: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RecognitionResult {
+    pub request_id: String,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub camera_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub frame_id: Option<u64>,
+    pub device_id: String,
+    pub model: ModelRef,
+    pub refdb_version: u64,
+    pub items: Vec<Item>,
+    pub timing_us: TimingUs,
+    pub batch_size: u32,
+    pub ts_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ErrorReport {
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub request_id: Option<String>,
+    pub reason: String,
+    pub ts_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RefDbState {
+    pub version: u64,
+    pub digest: String,
+    pub refs: u64,
+    pub labels: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AgentState {
+    Online,
+    Offline,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Status {
+    pub state: AgentState,
+    pub device_id: String,
+    pub fleet: String,
+    pub boot_id: String,
+    pub agent_version: String,
+    pub model: ModelRef,
+    pub execution_provider: String,
+    pub refdb: RefDbState,
+    pub started_ms: u64,
+    pub ts_ms: u64,
+}
+
+/// The Last Will: `{state: "offline", device_id, boot_id}`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Will {
+    pub state: AgentState,
+    pub device_id: String,
+    pub boot_id: String,
+}
+
+/// What the agent reads back from its own status topic.
+#[derive(Debug, Clone, Deserialize)]
+pub struct StatusPeek {
+    pub state: AgentState,
+    #[serde(default)]
+    pub boot_id: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Percentiles {
+    pub p50: u64,
+    pub p95: u64,
+    pub p99: u64,
+    pub max: u64,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct StageLatencies {
+    pub total: Percentiles,
+    pub queue: Percentiles,
+    pub decode: Percentiles,
+    pub infer: Percentiles,
+    pub search: Percentiles,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Metrics {
+    pub device_id: String,
+    pub ts_ms: u64,
+    pub interval_ms: u64,
+    pub requests: u64,
+    pub crops: u64,
+    pub errors: u64,
+    pub dropped: u64,
+    pub queue_depth: u64,
+    pub batches: u64,
+    pub mean_batch: f64,
+    pub throughput_cps: f64,
+    pub latency_us: StageLatencies,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn encoding_is_detected_from_the_first_byte() {
+        assert_eq!(detect_encoding(b"{\"a\":1}").unwrap(), Encoding::Json);
+        assert_eq!(detect_encoding(&[0x81, 0xa1, b'a', 1]).unwrap(), Encoding::Msgpack);
+        assert_eq!(detect_encoding(&[0xde, 0, 1]).unwrap(), Encoding::Msgpack);
+        assert!(matches!(detect_encoding(&[0x92, 1, 2]), Err(ProtocolError::UnknownEncoding(0x92))));
+        assert_eq!(detect_encoding(b""), Err(ProtocolError::Empty));
+    }
+
+    #[test]
+    fn binary_fields_are_bin_in_msgpack_and_base64_in_json() {
+        #[derive(Serialize, Deserialize, PartialEq, Debug)]
+        struct T {
+            data: Bytes,
+        }
+        let t = T { data: Bytes(vec![1, 2, 255]) };
+        let json = encode(&t, Encoding::Json);
+        assert_eq!(std::str::from_utf8(&json).unwrap(), r#"{"data":"AQL/"}"#);
+        let mp = encode(&t, Encoding::Msgpack);
+        assert_eq!(mp[0], 0x81, "a map, not an array");
+        assert!(mp.windows(2).any(|w| w == [0xc4, 3]), "bin 8 of 3 bytes");
+        assert_eq!(decode::<T>(&json, Encoding::Json).unwrap(), t);
+        assert_eq!(decode::<T>(&mp, Encoding::Msgpack).unwrap(), t);
+    }
+
+    #[test]
+    fn requests_decode_with_defaults_and_check_their_shape() {
+        let req: CropRequest = decode(
+            br#"{"request_id":"r1","crops":[{"image":"AAEC"},{"bbox":[1,2,3,4],"id":"b"}],"extra":true}"#,
+            Encoding::Json,
+        )
+        .unwrap();
+        req.validate(4).unwrap();
+        assert_eq!(req.crop_id(0), "0");
+        assert_eq!(req.crop_id(1), "b");
+        assert!(matches!(req.crops[1].source(), Ok(CropSource::Bbox(_))));
+        assert!(req.validate(1).is_err());
+        let wrong_type = decode::<CropRequest>(br#"{"request_id":"r","crops":[],"top_k":"x"}"#, Encoding::Json);
+        assert!(wrong_type.is_err());
+        assert_eq!(peek_request_id(br#"{"request_id":"r9","crops":7}"#).as_deref(), Some("r9"));
+    }
+
+    #[test]
+    fn error_items_omit_scores_and_carry_a_null_label() {
+        let item = Item::error("3".into(), "bad".into());
+        let v: serde_json::Value = serde_json::from_slice(&encode(&item, Encoding::Json)).unwrap();
+        assert_eq!(v["decision"], "error");
+        assert!(v["label"].is_null());
+        assert!(v.get("similarity").is_none());
+        assert_eq!(v["error"], "bad");
+    }
+}

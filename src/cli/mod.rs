@@ -1,0 +1,274 @@
+//! The command line: argument definitions, logging set-up and dispatch.
+//!
+//! Each command lives in its own file and turns errors into one clear line
+//! on stderr and a non-zero exit status.
+
+mod db;
+mod enroll;
+mod evaluate;
+mod recognize;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+
+use crate::config::LoadedConfig;
+
+/// Recognise retail products in camera crops with an ONNX embedding model
+/// and a local reference DB; serve recognitions over MQTT.
+///
+/// Quick start: `retail-agent demo` runs everything in-process. For a real
+/// deployment, write a config (see agent-config/agent.toml), enrol reference
+/// images with `enroll`, check them with `eval`, then `run` the daemon.
+#[derive(Debug, Parser)]
+#[command(name = "retail-agent", version, about, long_about)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Args, Clone)]
+pub struct ConfigArg {
+    /// Agent configuration file (TOML).
+    #[arg(long, short = 'c', env = "RETAIL_AGENT_CONFIG", default_value = "/etc/retail-agent/agent.toml")]
+    pub config: PathBuf,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the agent: serve the MQTT contract until SIGTERM/SIGINT.
+    Run {
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+    /// Add reference images to the DB: REFS/<label>/*.jpg, one folder per product.
+    Enroll {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Folder with one sub-folder per label (TAO's layout).
+        #[arg(long)]
+        refs: PathBuf,
+        /// Replace the DB's content instead of adding to it.
+        #[arg(long)]
+        replace: bool,
+    },
+    /// Recognise images against the reference DB and print the top-k per image.
+    Recognize {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Image files (JPEG, PNG, BMP, WebP).
+        #[arg(required = true)]
+        images: Vec<PathBuf>,
+        /// Candidates per image (default: recognition.top_k).
+        #[arg(long)]
+        top_k: Option<usize>,
+        /// Print one JSON object per image.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Measure accuracy vs references per class, like the model card's table.
+    Eval {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Reference images: REFS/<label>/*.jpg.
+        #[arg(long)]
+        refs: PathBuf,
+        /// Query images: QUERIES/<label>/*.jpg (the label is the truth).
+        #[arg(long)]
+        queries: PathBuf,
+        /// Reference counts per class to evaluate, comma-separated; `all` uses every one.
+        #[arg(long, default_value = "1,5,10,20,all")]
+        refs_per_class: String,
+        /// Seed of the random choice of references.
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+        /// Also write a self-contained HTML report with the accuracy curve.
+        #[arg(long)]
+        html: Option<PathBuf>,
+    },
+    /// Inspect, export or import the reference DB.
+    Db {
+        #[command(flatten)]
+        config: ConfigArg,
+        #[command(subcommand)]
+        action: DbAction,
+    },
+    /// Validate a config file and print the effective configuration (secrets masked).
+    CheckConfig {
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DbAction {
+    /// Version, digest, counts per label, size on disk.
+    Stats {
+        /// Print as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Write the whole DB to a portable file (format: retail-agent/refdb v1).
+    Export { file: PathBuf },
+    /// Replace the DB's content with an export file's (re-embedding images
+    /// when the file came from another model).
+    Import { file: PathBuf },
+}
+
+/// Parses arguments, runs the command, and maps errors to exit status 1.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Run { config } => {
+            let cfg = load_config(&config)?;
+            tokio_runtime()?.block_on(crate::daemon::run_until_signal(cfg))
+        }
+        Command::Enroll { config, refs, replace } => {
+            let cfg = load_config(&config)?;
+            enroll::run(&cfg, &refs, replace)
+        }
+        Command::Recognize {
+            config,
+            images,
+            top_k,
+            json,
+        } => {
+            let cfg = load_config(&config)?;
+            recognize::run(&cfg, &images, top_k, json)
+        }
+        Command::Eval {
+            config,
+            refs,
+            queries,
+            refs_per_class,
+            seed,
+            json,
+            html,
+        } => {
+            let cfg = load_config(&config)?;
+            let counts = crate::eval::parse_refs_per_class(&refs_per_class)
+                .map_err(|e| anyhow::anyhow!("--refs-per-class: {e}"))?;
+            evaluate::run(&cfg, &refs, &queries, counts, seed, json, html.as_deref())
+        }
+        Command::Db { config, action } => {
+            let cfg = load_config(&config)?;
+            db::run(&cfg, action)
+        }
+        Command::CheckConfig { config } => {
+            let cfg = LoadedConfig::load(&config.config)?;
+            let manifest = crate::manifest::ModelManifest::load(&cfg.manifest_path())?;
+            print!("{}", cfg.to_masked_toml());
+            eprintln!(
+                "config OK; model {} (fingerprint {})",
+                manifest.id(),
+                manifest.fingerprint()
+            );
+            Ok(())
+        }
+    }
+}
+
+/// The async runtime of the daemon and the demo.
+fn tokio_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("retail-agent-io")
+        .build()
+        .context("starting the async runtime")
+}
+
+/// Loads the config and starts logging as it says (`RUST_LOG` wins).
+pub fn load_config(arg: &ConfigArg) -> anyhow::Result<LoadedConfig> {
+    let cfg = LoadedConfig::load(&arg.config)
+        .with_context(|| format!("loading config {}", arg.config.display()))?;
+    init_logging(&cfg.config.log.filter, cfg.config.log.json);
+    Ok(cfg)
+}
+
+/// Starts logging to stderr; later calls do nothing.
+pub fn init_logging(filter: &str, json: bool) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env()
+        .or_else(|_| EnvFilter::try_new(filter))
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = if json {
+        builder.json().try_init()
+    } else {
+        builder.try_init()
+    };
+}
+
+/// A progress bar on stderr (hidden when stderr is not a terminal).
+fn progress(len: usize, what: &str) -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::new(len as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{msg:>10} [{bar:40}] {pos}/{len} ({eta})")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    bar.set_message(what.to_string());
+    bar
+}
+
+/// One dataset image after embedding: its bytes (for storing) and result.
+struct EmbeddedFile {
+    item: crate::dataset::LabeledImage,
+    result: Result<(Vec<u8>, crate::recognizer::Embedded), String>,
+}
+
+/// Reads and embeds `items` in batches of the model's `max_batch`, with a
+/// progress bar; a bad file fails alone.
+fn embed_files(
+    recognizer: &mut crate::recognizer::Recognizer,
+    items: Vec<crate::dataset::LabeledImage>,
+    what: &str,
+) -> Vec<EmbeddedFile> {
+    let bar = progress(items.len(), what);
+    let batch = recognizer.engine().manifest().file.max_batch.max(1);
+    let mut out = Vec::with_capacity(items.len());
+    let mut items = items.into_iter().peekable();
+    while items.peek().is_some() {
+        let chunk: Vec<_> = items.by_ref().take(batch).collect();
+        let bytes: Vec<Result<Vec<u8>, String>> = chunk
+            .iter()
+            .map(|i| std::fs::read(&i.path).map_err(|e| e.to_string()))
+            .collect();
+        let readable: Vec<&[u8]> = bytes
+            .iter()
+            .filter_map(|b| b.as_ref().ok().map(Vec::as_slice))
+            .collect();
+        let mut embedded = recognizer.embed_encoded(&readable).into_iter();
+        for (item, b) in chunk.into_iter().zip(bytes) {
+            let result = match b {
+                Err(e) => Err(format!("cannot read: {e}")),
+                Ok(b) => match embedded.next() {
+                    Some(Ok(e)) => Ok((b, e)),
+                    Some(Err(e)) => Err(e.to_string()),
+                    None => Err("no result".into()),
+                },
+            };
+            out.push(EmbeddedFile { item, result });
+            bar.inc(1);
+        }
+    }
+    bar.finish_and_clear();
+    out
+}

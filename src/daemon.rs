@@ -1,0 +1,278 @@
+//! The running agent: wires config → engine → reference DB → pipeline →
+//! bus, and shuts it all down once, in order.
+//!
+//! [`Agent::start`] returns when the agent is serving (or has failed to
+//! load); [`Agent::stop`] is the one graceful shutdown path, used for
+//! SIGTERM/SIGINT, by the demo and by tests.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
+use tracing::{info, warn};
+
+use crate::bus::protocol::{self, AgentState, ModelRef};
+use crate::bus::{self, EventLoopTask, PublisherTask, StatusSource, Topics};
+use crate::config::LoadedConfig;
+use crate::engine::Engine;
+use crate::manifest::ModelManifest;
+use crate::metrics::Metrics;
+use crate::pipeline::{Outbound, Pipeline, PipelineContext, ToBus};
+use crate::recognizer::{engine_options, open_refdb};
+use crate::refdb::RefDb;
+use crate::vision::DecodeLimits;
+
+/// Longest a graceful stop waits for in-flight work and the broker.
+pub const STOP_TIMEOUT: Duration = Duration::from_secs(20);
+
+pub struct Agent {
+    pipeline: Arc<Pipeline>,
+    metrics: Arc<Metrics>,
+    refdb: Arc<RefDb>,
+    status: Arc<StatusSource>,
+    topics: Topics,
+    client: rumqttc::AsyncClient,
+    out: mpsc::Sender<ToBus>,
+    accepting: Arc<AtomicBool>,
+    stopping: watch::Sender<bool>,
+    connected: watch::Receiver<bool>,
+    event_loop: JoinHandle<()>,
+    publisher: JoinHandle<()>,
+    metrics_task: JoinHandle<()>,
+}
+
+impl Agent {
+    /// Loads the model and the reference DB, starts the pipeline and
+    /// connects to the broker (in the background: an unreachable broker is
+    /// retried, not fatal).
+    pub async fn start(cfg: LoadedConfig) -> anyhow::Result<Self> {
+        let cfg = Arc::new(cfg);
+        let (engine, refdb) = {
+            let cfg = cfg.clone();
+            tokio::task::spawn_blocking(move || -> anyhow::Result<(Engine, RefDb)> {
+                let manifest = ModelManifest::load(&cfg.manifest_path())?;
+                let engine = Engine::load(manifest, &engine_options(&cfg))?;
+                let refdb = open_refdb(&cfg, &engine).context("opening the reference DB")?;
+                Ok((engine, refdb))
+            })
+            .await
+            .context("loading the model")??
+        };
+        let c = &cfg.config;
+        let refdb = Arc::new(refdb);
+        let meta = refdb.meta();
+        let model = ModelRef {
+            id: engine.manifest().id().to_string(),
+            fingerprint: engine.manifest().fingerprint().to_string(),
+        };
+        info!(
+            device_id = %c.device_id,
+            model = %model.id,
+            fingerprint = %model.fingerprint,
+            provider = engine.provider().name(),
+            refdb_version = meta.version,
+            refs = meta.refs,
+            labels = meta.labels,
+            "agent starting"
+        );
+        let topics = Topics::new(c);
+        let metrics = Arc::new(Metrics::default());
+        let (out_tx, out_rx) = mpsc::channel::<ToBus>(1024);
+        let status = Arc::new(StatusSource::new(
+            c.device_id.clone(),
+            c.fleet.clone(),
+            model.clone(),
+            engine.provider().name().to_string(),
+            refdb.clone(),
+            c.bus.encoding,
+        ));
+        let ctx = PipelineContext {
+            device_id: c.device_id.clone(),
+            model,
+            results_topic: topics.results.clone(),
+            errors_topic: topics.errors.clone(),
+            results_qos: c.bus.results_qos,
+            default_encoding: c.bus.encoding,
+            limits: DecodeLimits::from(&c.limits),
+            max_crops: c.limits.max_crops,
+            default_top_k: c.recognition.top_k,
+            unknown_threshold: c.recognition.unknown_threshold,
+            metrics: metrics.clone(),
+            refdb: refdb.clone(),
+            out: out_tx.clone(),
+        };
+        let pipeline = Arc::new(Pipeline::start(ctx, engine, &c.pipeline).context("starting the pipeline")?);
+        let options = bus::mqtt_options(&cfg, &status, &topics)?;
+        let (client, eventloop) = rumqttc::AsyncClient::new(options, 1024);
+        let (connected_tx, connected_rx) = watch::channel(false);
+        let (stopping_tx, stopping_rx) = watch::channel(false);
+        let accepting = Arc::new(AtomicBool::new(true));
+        let event_loop = tokio::spawn(
+            EventLoopTask {
+                eventloop,
+                client: client.clone(),
+                topics: topics.clone(),
+                status: status.clone(),
+                pipeline: pipeline.clone(),
+                metrics: metrics.clone(),
+                out: out_tx.clone(),
+                connected: connected_tx,
+                accepting: accepting.clone(),
+                stopping: stopping_rx,
+                reconnect_min: Duration::from_millis(c.bus.reconnect_min_ms),
+                reconnect_max: Duration::from_millis(c.bus.reconnect_max_ms),
+            }
+            .run(),
+        );
+        let publisher = tokio::spawn(
+            PublisherTask {
+                client: client.clone(),
+                rx: out_rx,
+                connected: connected_rx.clone(),
+                capacity: c.bus.outbox_capacity,
+                metrics: metrics.clone(),
+            }
+            .run(),
+        );
+        let metrics_task = {
+            let (metrics, out, topic, device, encoding) = (
+                metrics.clone(),
+                out_tx.clone(),
+                topics.metrics.clone(),
+                c.device_id.clone(),
+                c.bus.encoding,
+            );
+            let every = Duration::from_secs(c.metrics.interval_s);
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+                loop {
+                    tick.tick().await;
+                    let m = metrics.take_interval(&device);
+                    let msg = Outbound {
+                        topic: topic.clone(),
+                        payload: protocol::encode(&m, encoding),
+                        qos: 0,
+                        retain: false,
+                        ack: None,
+                    };
+                    if out.send(ToBus::Send(msg)).await.is_err() {
+                        break;
+                    }
+                }
+            })
+        };
+        Ok(Self {
+            pipeline,
+            metrics,
+            refdb,
+            status,
+            topics,
+            client,
+            out: out_tx,
+            accepting,
+            stopping: stopping_tx,
+            connected: connected_rx,
+            event_loop,
+            publisher,
+            metrics_task,
+        })
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    pub fn refdb(&self) -> &Arc<RefDb> {
+        &self.refdb
+    }
+
+    pub fn topics(&self) -> &Topics {
+        &self.topics
+    }
+
+    pub fn boot_id(&self) -> String {
+        self.status.boot_id()
+    }
+
+    /// Waits until the agent is connected to the broker.
+    pub async fn wait_connected(&self, timeout: Duration) -> bool {
+        let mut rx = self.connected.clone();
+        tokio::time::timeout(timeout, rx.wait_for(|c| *c)).await.is_ok_and(|r| r.is_ok())
+    }
+
+    /// Graceful stop: stop taking requests, finish the in-flight ones,
+    /// publish them and the offline Status, disconnect, flush the DB.
+    pub async fn stop(self) -> anyhow::Result<()> {
+        info!("stopping: no new requests; finishing in-flight ones");
+        self.accepting.store(false, Ordering::Release);
+        let pipeline = self.pipeline.clone();
+        let left = tokio::time::timeout(
+            STOP_TIMEOUT,
+            tokio::task::spawn_blocking(move || pipeline.shutdown()),
+        )
+        .await;
+        match left {
+            Ok(Ok(left)) if !left.is_empty() => {
+                info!(count = left.len(), "requests never started are left unacknowledged for redelivery");
+            }
+            Ok(_) => {}
+            Err(_) => warn!("in-flight requests did not finish within {STOP_TIMEOUT:?}"),
+        }
+        drop(self.pipeline);
+        self.metrics_task.abort();
+        let (done_tx, done_rx) = oneshot::channel();
+        if self.out.send(ToBus::Flush(done_tx)).await.is_ok() {
+            let _ = tokio::time::timeout(Duration::from_secs(5), done_rx).await;
+        }
+        let connected = *self.connected.borrow();
+        if connected {
+            let payload = self.status.status_payload(AgentState::Offline);
+            let _ = self
+                .client
+                .publish(&self.topics.status, rumqttc::QoS::AtLeastOnce, true, payload)
+                .await;
+        }
+        let _ = self.stopping.send(true);
+        if connected {
+            let _ = self.client.disconnect().await;
+        }
+        if tokio::time::timeout(Duration::from_secs(5), self.event_loop)
+            .await
+            .is_err()
+        {
+            warn!("the broker connection did not close in time");
+        }
+        drop(self.out);
+        self.publisher.abort();
+        self.refdb.flush().context("flushing the reference DB")?;
+        info!("stopped");
+        Ok(())
+    }
+}
+
+/// `retail-agent run`: serve until SIGTERM or SIGINT, then stop gracefully.
+pub async fn run_until_signal(cfg: LoadedConfig) -> anyhow::Result<()> {
+    let agent = Agent::start(cfg).await?;
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
+    wait_for_signal().await;
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
+    agent.stop().await
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => info!("SIGTERM received"),
+                _ = int.recv() => info!("SIGINT received"),
+            }
+        }
+        _ => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}

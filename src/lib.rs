@@ -1,0 +1,23 @@
+//! retail-agent: recognises retail products in camera crops on NVIDIA Jetson
+//! (or any Linux box) with an ONNX embedding model and a local reference DB,
+//! and serves the result over MQTT.
+//!
+//! Data flows `bus` (MQTT in) → `pipeline` (queue, batching) → `vision`
+//! (decode, crop, resize, normalise) → `engine` (ONNX Runtime) → `refdb`
+//! (index, search) → `bus` (results), with `config`, `manifest`, `metrics`
+//! and `cli` around it.
+
+pub mod bus;
+pub mod cli;
+pub mod clock;
+pub mod config;
+pub mod daemon;
+pub mod dataset;
+pub mod engine;
+pub mod eval;
+pub mod manifest;
+pub mod metrics;
+pub mod pipeline;
+pub mod recognizer;
+pub mod refdb;
+pub mod vision;

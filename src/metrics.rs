@@ -1,0 +1,234 @@
+//! Live counters and per-stage latency histograms, and the periodic
+//! Metrics message of the contract.
+//!
+//! Stages record into HDR histograms behind one short-lived lock; counters
+//! are atomics. [`Metrics::take_interval`] returns the interval's figures and
+//! starts a new interval. Publishing them is the bus's job.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+
+use crate::bus::protocol::{self, Percentiles, StageLatencies};
+
+/// Latency stages of a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    Queue,
+    Decode,
+    Infer,
+    Search,
+    Total,
+}
+
+struct Histograms {
+    queue: Histogram<u64>,
+    decode: Histogram<u64>,
+    infer: Histogram<u64>,
+    search: Histogram<u64>,
+    total: Histogram<u64>,
+}
+
+impl Histograms {
+    fn new() -> Self {
+        // 1 µs .. 1 h, 3 significant digits.
+        let h = || Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("valid histogram bounds");
+        Self {
+            queue: h(),
+            decode: h(),
+            infer: h(),
+            search: h(),
+            total: h(),
+        }
+    }
+
+    fn get(&mut self, s: Stage) -> &mut Histogram<u64> {
+        match s {
+            Stage::Queue => &mut self.queue,
+            Stage::Decode => &mut self.decode,
+            Stage::Infer => &mut self.infer,
+            Stage::Search => &mut self.search,
+            Stage::Total => &mut self.total,
+        }
+    }
+}
+
+fn percentiles(h: &Histogram<u64>) -> Percentiles {
+    if h.is_empty() {
+        return Percentiles::default();
+    }
+    Percentiles {
+        p50: h.value_at_quantile(0.50),
+        p95: h.value_at_quantile(0.95),
+        p99: h.value_at_quantile(0.99),
+        max: h.max(),
+    }
+}
+
+/// Counters of one interval.
+#[derive(Default)]
+struct Counters {
+    requests: AtomicU64,
+    crops: AtomicU64,
+    errors: AtomicU64,
+    dropped: AtomicU64,
+    batches: AtomicU64,
+    batched_crops: AtomicU64,
+}
+
+pub struct Metrics {
+    interval: Counters,
+    totals: Counters,
+    histograms: Mutex<Histograms>,
+    interval_start: Mutex<Instant>,
+    queue_depth: AtomicU64,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self {
+            interval: Counters::default(),
+            totals: Counters::default(),
+            histograms: Mutex::new(Histograms::new()),
+            interval_start: Mutex::new(Instant::now()),
+            queue_depth: AtomicU64::new(0),
+        }
+    }
+}
+
+/// Lifetime totals, for the demo's summary and for tests.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Totals {
+    pub requests: u64,
+    pub crops: u64,
+    pub errors: u64,
+    pub dropped: u64,
+    pub batches: u64,
+    pub batched_crops: u64,
+}
+
+macro_rules! counter {
+    ($name:ident, $field:ident) => {
+        pub fn $name(&self, n: u64) {
+            self.interval.$field.fetch_add(n, Ordering::Relaxed);
+            self.totals.$field.fetch_add(n, Ordering::Relaxed);
+        }
+    };
+}
+
+impl Metrics {
+    counter!(add_requests, requests);
+    counter!(add_crops, crops);
+    counter!(add_errors, errors);
+    counter!(add_dropped, dropped);
+
+    pub fn add_batch(&self, size: usize) {
+        for c in [&self.interval, &self.totals] {
+            c.batches.fetch_add(1, Ordering::Relaxed);
+            c.batched_crops.fetch_add(size as u64, Ordering::Relaxed);
+        }
+    }
+
+    pub fn set_queue_depth(&self, depth: usize) {
+        self.queue_depth.store(depth as u64, Ordering::Relaxed);
+    }
+
+    /// Records one request's stage latencies.
+    pub fn record(&self, samples: &[(Stage, Duration)]) {
+        let mut h = self.histograms.lock().unwrap_or_else(|p| p.into_inner());
+        for (stage, d) in samples {
+            let us = (d.as_micros() as u64).clamp(1, 3_600_000_000);
+            let _ = h.get(*stage).record(us);
+        }
+    }
+
+    pub fn totals(&self) -> Totals {
+        let t = &self.totals;
+        Totals {
+            requests: t.requests.load(Ordering::Relaxed),
+            crops: t.crops.load(Ordering::Relaxed),
+            errors: t.errors.load(Ordering::Relaxed),
+            dropped: t.dropped.load(Ordering::Relaxed),
+            batches: t.batches.load(Ordering::Relaxed),
+            batched_crops: t.batched_crops.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Latency percentiles since the last interval, without resetting.
+    pub fn latencies(&self) -> StageLatencies {
+        let h = self.histograms.lock().unwrap_or_else(|p| p.into_inner());
+        StageLatencies {
+            total: percentiles(&h.total),
+            queue: percentiles(&h.queue),
+            decode: percentiles(&h.decode),
+            infer: percentiles(&h.infer),
+            search: percentiles(&h.search),
+        }
+    }
+
+    /// The interval's Metrics message; starts the next interval.
+    pub fn take_interval(&self, device_id: &str) -> protocol::Metrics {
+        let latency_us = self.latencies();
+        {
+            let mut h = self.histograms.lock().unwrap_or_else(|p| p.into_inner());
+            *h = Histograms::new();
+        }
+        let elapsed = {
+            let mut start = self.interval_start.lock().unwrap_or_else(|p| p.into_inner());
+            let e = start.elapsed();
+            *start = Instant::now();
+            e
+        };
+        let c = &self.interval;
+        let take = |a: &AtomicU64| a.swap(0, Ordering::Relaxed);
+        let requests = take(&c.requests);
+        let crops = take(&c.crops);
+        let errors = take(&c.errors);
+        let dropped = take(&c.dropped);
+        let batches = take(&c.batches);
+        let batched = take(&c.batched_crops);
+        let secs = elapsed.as_secs_f64().max(1e-9);
+        protocol::Metrics {
+            device_id: device_id.to_string(),
+            ts_ms: crate::clock::now_ms(),
+            interval_ms: elapsed.as_millis() as u64,
+            requests,
+            crops,
+            errors,
+            dropped,
+            queue_depth: self.queue_depth.load(Ordering::Relaxed),
+            batches,
+            mean_batch: if batches == 0 { 0.0 } else { batched as f64 / batches as f64 },
+            throughput_cps: crops as f64 / secs,
+            latency_us,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_interval_reports_counts_percentiles_and_then_resets() {
+        let m = Metrics::default();
+        m.add_requests(2);
+        m.add_crops(5);
+        m.add_batch(4);
+        m.add_batch(1);
+        for ms in [1u64, 2, 3, 100] {
+            m.record(&[(Stage::Total, Duration::from_millis(ms))]);
+        }
+        let first = m.take_interval("dev");
+        assert_eq!((first.requests, first.crops, first.batches), (2, 5, 2));
+        assert_eq!(first.mean_batch, 2.5);
+        assert!(first.latency_us.total.max >= 99_000);
+        assert!(first.latency_us.total.p50 <= 3_100);
+        let second = m.take_interval("dev");
+        assert_eq!(second.requests, 0);
+        assert_eq!(second.latency_us.total, Percentiles::default());
+        assert_eq!(m.totals().crops, 5);
+    }
+}

@@ -1,0 +1,462 @@
+//! The recognition pipeline: bounded ingest queue → decode/preprocess
+//! workers → dynamic batcher and inference thread → search → results.
+//!
+//! Everything here runs on plain threads, never on the async reactor: the
+//! bus hands messages in with [`Pipeline::submit`] (which never blocks) and
+//! receives what to publish on an [`Outbound`] channel. One request's crops
+//! may share a batch with other requests' crops; each result still lists its
+//! own items in order. The pipeline owns no MQTT and no encoding choice
+//! beyond "answer in kind".
+
+pub mod queue;
+pub mod request;
+
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use image::RgbImage;
+use tracing::{debug, warn};
+
+use crate::bus::protocol::{
+    self, CandidateOut, ClassifierOut, CropRequest, CropSource, ErrorReport, Item, ItemDecision,
+    ModelRef, MAX_TOP_K,
+};
+use crate::config::{Encoding, PipelineConfig};
+use crate::engine::{Engine, EngineOutput};
+use crate::metrics::{Metrics, Stage};
+use crate::recognizer::best_class;
+use crate::refdb::{Decision, RefDb};
+use crate::vision::decode::{clip_bbox, decode_image, raw_image, DecodeLimits, VisionError};
+use crate::vision::preprocess::{InputGeometry, Normalizer, Preprocessor};
+
+pub use queue::{IngestQueue, Pushed};
+pub use request::{AckToken, Incoming, RequestHeader, RequestState};
+
+/// A message for the bus to publish, with the request to acknowledge after.
+#[derive(Debug, Clone)]
+pub struct Outbound {
+    pub topic: String,
+    pub payload: Vec<u8>,
+    pub qos: u8,
+    pub retain: bool,
+    pub ack: Option<AckToken>,
+}
+
+/// What the bus's publisher is asked to do, in order.
+#[derive(Debug)]
+pub enum ToBus {
+    Send(Outbound),
+    /// Answered once every earlier message was handed to the MQTT client.
+    Flush(tokio::sync::oneshot::Sender<()>),
+}
+
+/// What the pipeline needs to know to answer requests.
+pub struct PipelineContext {
+    pub device_id: String,
+    pub model: ModelRef,
+    pub results_topic: String,
+    pub errors_topic: String,
+    pub results_qos: u8,
+    /// Encoding of error reports when the request's cannot be told.
+    pub default_encoding: Encoding,
+    pub limits: DecodeLimits,
+    pub max_crops: usize,
+    pub default_top_k: usize,
+    pub unknown_threshold: f32,
+    pub metrics: Arc<Metrics>,
+    pub refdb: Arc<RefDb>,
+    pub out: tokio::sync::mpsc::Sender<ToBus>,
+}
+
+impl PipelineContext {
+    fn send(&self, msg: Outbound) {
+        if self.out.blocking_send(ToBus::Send(msg)).is_err() {
+            warn!("the bus is gone; dropping an outgoing message");
+        }
+    }
+
+    /// Reports a message that could not be handled at all and acknowledges it.
+    pub fn reject(&self, payload: &[u8], ack: Option<AckToken>, request_id: Option<String>, reason: String) {
+        self.metrics.add_errors(1);
+        warn!(request_id = request_id.as_deref().unwrap_or("-"), "request rejected: {reason}");
+        let encoding = protocol::detect_encoding(payload).unwrap_or(self.default_encoding);
+        self.send(error_message(&self.errors_topic, encoding, request_id, reason, ack));
+    }
+
+    fn finish(&self, req: &RequestState, refdb_version: u64) {
+        let result = req.result(&self.device_id, &self.model, refdb_version);
+        let payload = protocol::encode(&result, req.encoding);
+        let t = result.timing_us;
+        self.metrics.record(&[
+            (Stage::Queue, Duration::from_micros(t.queue)),
+            (Stage::Decode, Duration::from_micros(t.decode)),
+            (Stage::Infer, Duration::from_micros(t.infer)),
+            (Stage::Search, Duration::from_micros(t.search)),
+            (Stage::Total, Duration::from_micros(t.total)),
+        ]);
+        debug!(parent: req.span(), total_us = t.total, batch = result.batch_size, "request answered");
+        self.send(Outbound {
+            topic: self.results_topic.clone(),
+            payload,
+            qos: self.results_qos,
+            retain: false,
+            ack: req.ack,
+        });
+    }
+}
+
+/// An ErrorReport message for the errors topic.
+pub fn error_message(
+    topic: &str,
+    encoding: Encoding,
+    request_id: Option<String>,
+    reason: String,
+    ack: Option<AckToken>,
+) -> Outbound {
+    let report = ErrorReport {
+        request_id,
+        reason,
+        ts_ms: crate::clock::now_ms(),
+    };
+    Outbound {
+        topic: topic.to_string(),
+        payload: protocol::encode(&report, encoding),
+        qos: 1,
+        retain: false,
+        ack,
+    }
+}
+
+/// A crop resized to the model's input, waiting for its batch.
+struct Prepared {
+    request: Arc<RequestState>,
+    index: usize,
+    id: String,
+    rgb: Vec<u8>,
+}
+
+/// Recycles the RGB8 buffers of resized crops.
+struct BufferPool {
+    free: Mutex<Vec<Vec<u8>>>,
+    len: usize,
+    keep: usize,
+}
+
+impl BufferPool {
+    fn get(&self) -> Vec<u8> {
+        let buf = self.free.lock().unwrap_or_else(|p| p.into_inner()).pop();
+        buf.unwrap_or_else(|| vec![0u8; self.len])
+    }
+
+    fn put(&self, buf: Vec<u8>) {
+        let mut free = self.free.lock().unwrap_or_else(|p| p.into_inner());
+        if free.len() < self.keep {
+            free.push(buf);
+        }
+    }
+}
+
+pub struct Pipeline {
+    queue: Arc<IngestQueue<Incoming>>,
+    ctx: Arc<PipelineContext>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl Pipeline {
+    /// Starts the decode workers and the inference thread, which takes
+    /// ownership of `engine`.
+    pub fn start(ctx: PipelineContext, engine: Engine, cfg: &PipelineConfig) -> std::io::Result<Self> {
+        let ctx = Arc::new(ctx);
+        let queue = Arc::new(IngestQueue::new(cfg.queue_capacity, cfg.overflow));
+        let geometry = crate::recognizer::geometry(engine.manifest());
+        let max_batch = cfg.max_batch.max(1);
+        let pool = Arc::new(BufferPool {
+            free: Mutex::new(Vec::new()),
+            len: geometry.rgb_len(),
+            keep: max_batch * 4,
+        });
+        let (tx, rx) = mpsc::sync_channel::<Prepared>(max_batch * 2);
+        let workers = if cfg.decode_workers == 0 {
+            std::thread::available_parallelism().map_or(2, |n| n.get())
+        } else {
+            cfg.decode_workers
+        };
+        let mut threads = Vec::with_capacity(workers + 1);
+        for i in 0..workers {
+            let (ctx, queue, tx, pool, geometry) =
+                (ctx.clone(), queue.clone(), tx.clone(), pool.clone(), geometry.clone());
+            threads.push(
+                std::thread::Builder::new()
+                    .name(format!("decode-{i}"))
+                    .spawn(move || decode_worker(&ctx, &queue, &tx, &pool, geometry))?,
+            );
+        }
+        drop(tx);
+        let max_delay = Duration::from_millis(cfg.max_delay_ms);
+        let (ctx2, pool2) = (ctx.clone(), pool.clone());
+        threads.push(
+            std::thread::Builder::new()
+                .name("inference".into())
+                .spawn(move || infer_loop(&ctx2, rx, engine, &pool2, max_batch, max_delay))?,
+        );
+        Ok(Self {
+            queue,
+            ctx,
+            threads: Mutex::new(threads),
+        })
+    }
+
+    /// Queues a message without blocking; the overflow policy decides what
+    /// happens when the queue is full. A dropped message is returned.
+    pub fn submit(&self, msg: Incoming) -> Pushed<Incoming> {
+        let pushed = self.queue.push(msg);
+        self.ctx.metrics.set_queue_depth(self.queue.len());
+        pushed
+    }
+
+    pub fn queue_depth(&self) -> usize {
+        self.queue.len()
+    }
+
+    pub fn context(&self) -> &Arc<PipelineContext> {
+        &self.ctx
+    }
+
+    /// Stops taking work, lets the requests already being decoded or
+    /// inferred finish, and returns the ones never started (not
+    /// acknowledged, so a QoS 1 sender's broker delivers them again).
+    /// Blocks until the threads have exited.
+    pub fn shutdown(&self) -> Vec<Incoming> {
+        let left = self.queue.close();
+        let threads = std::mem::take(&mut *self.threads.lock().unwrap_or_else(|p| p.into_inner()));
+        for t in threads {
+            let _ = t.join();
+        }
+        left
+    }
+}
+
+fn decode_worker(
+    ctx: &PipelineContext,
+    queue: &IngestQueue<Incoming>,
+    tx: &SyncSender<Prepared>,
+    pool: &BufferPool,
+    geometry: InputGeometry,
+) {
+    let mut pre = Preprocessor::new(geometry);
+    while let Some(msg) = queue.pop() {
+        ctx.metrics.set_queue_depth(queue.len());
+        handle_message(ctx, &mut pre, pool, tx, msg);
+    }
+}
+
+fn handle_message(
+    ctx: &PipelineContext,
+    pre: &mut Preprocessor,
+    pool: &BufferPool,
+    tx: &SyncSender<Prepared>,
+    msg: Incoming,
+) {
+    let dequeued = Instant::now();
+    let encoding = match protocol::detect_encoding(&msg.payload) {
+        Ok(e) => e,
+        Err(e) => return ctx.reject(&msg.payload, msg.ack, None, e.to_string()),
+    };
+    let req: CropRequest = match protocol::decode(&msg.payload, encoding) {
+        Ok(r) => r,
+        Err(e) => {
+            let id = protocol::peek_request_id(&msg.payload);
+            return ctx.reject(&msg.payload, msg.ack, id, e.to_string());
+        }
+    };
+    if let Err(e) = req.validate(ctx.max_crops) {
+        let id = (!req.request_id.is_empty() && req.request_id.len() <= protocol::MAX_REQUEST_ID)
+            .then(|| req.request_id.clone());
+        return ctx.reject(&msg.payload, msg.ack, id, e.to_string());
+    }
+    let n = req.crops.len();
+    ctx.metrics.add_requests(1);
+    ctx.metrics.add_crops(n as u64);
+    let span = tracing::info_span!("request", request_id = %req.request_id);
+    let _entered = span.enter();
+    let top_k = req
+        .top_k
+        .map_or(ctx.default_top_k, usize::from)
+        .min(MAX_TOP_K);
+    let state = Arc::new(RequestState::new(
+        RequestHeader {
+            request_id: req.request_id.clone(),
+            camera_id: req.camera_id.clone(),
+            frame_id: req.frame_id,
+            encoding,
+            top_k,
+            received: msg.received,
+            ack: msg.ack,
+            queue: dequeued.duration_since(msg.received),
+        },
+        n,
+        span.clone(),
+    ));
+    let frame: Option<Result<RgbImage, VisionError>> = req
+        .crops
+        .iter()
+        .any(|c| c.bbox.is_some())
+        .then(|| match &req.frame {
+            Some(f) => decode_image(&f.0, &ctx.limits),
+            None => Err(VisionError::Decode("bbox given but the request has no frame".into())),
+        });
+    let mut prepared = Vec::with_capacity(n);
+    let mut finished = false;
+    for (i, crop) in req.crops.iter().enumerate() {
+        let id = req.crop_id(i);
+        let mut rgb = pool.get();
+        let outcome = crop.source().and_then(|src| {
+            prepare_crop(ctx, pre, src, frame.as_ref(), &mut rgb).map_err(|e| e.to_string())
+        });
+        match outcome {
+            Ok(()) => prepared.push(Prepared {
+                request: state.clone(),
+                index: i,
+                id,
+                rgb,
+            }),
+            Err(why) => {
+                pool.put(rgb);
+                ctx.metrics.add_errors(1);
+                debug!(crop = %id, "crop error: {why}");
+                finished |= state.complete(i, Item::error(id, why));
+            }
+        }
+    }
+    state.set_decode(dequeued.elapsed());
+    if finished {
+        ctx.finish(&state, ctx.refdb.meta().version);
+        return;
+    }
+    for p in prepared {
+        if tx.send(p).is_err() {
+            warn!("the inference thread has stopped; request abandoned");
+            return;
+        }
+    }
+}
+
+fn prepare_crop(
+    ctx: &PipelineContext,
+    pre: &mut Preprocessor,
+    src: CropSource<'_>,
+    frame: Option<&Result<RgbImage, VisionError>>,
+    rgb: &mut [u8],
+) -> Result<(), VisionError> {
+    match src {
+        CropSource::Image(bytes) => {
+            let img = decode_image(bytes, &ctx.limits)?;
+            pre.resize_into(&img, None, rgb)
+        }
+        CropSource::Raw(r) => {
+            let img = raw_image(r.width, r.height, r.format, &r.data.0, &ctx.limits)?;
+            pre.resize_into(&img, None, rgb)
+        }
+        CropSource::Bbox(b) => match frame {
+            Some(Ok(img)) => {
+                let rect = clip_bbox(b, img.width(), img.height())?;
+                pre.resize_into(img, Some(rect), rgb)
+            }
+            Some(Err(e)) => Err(VisionError::Decode(format!("frame: {e}"))),
+            None => Err(VisionError::Decode("bbox given but the request has no frame".into())),
+        },
+    }
+}
+
+fn infer_loop(
+    ctx: &PipelineContext,
+    rx: Receiver<Prepared>,
+    mut engine: Engine,
+    pool: &BufferPool,
+    max_batch: usize,
+    max_delay: Duration,
+) {
+    let normalizer = Normalizer::new(&engine.manifest().file.preprocess);
+    let per_image = engine.image_len();
+    let dim = engine.dim();
+    let classes = engine.classes();
+    let labels = engine.manifest().classifier_labels.clone();
+    let mut tensor = vec![0f32; max_batch * per_image];
+    let mut out = EngineOutput::default();
+    let mut batch: Vec<Prepared> = Vec::with_capacity(max_batch);
+    while let Ok(first) = rx.recv() {
+        batch.push(first);
+        let deadline = Instant::now() + max_delay;
+        while batch.len() < max_batch {
+            let now = Instant::now();
+            if now >= deadline {
+                break;
+            }
+            match rx.recv_timeout(deadline - now) {
+                Ok(p) => batch.push(p),
+                Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => break,
+            }
+        }
+        let n = batch.len();
+        for (p, slot) in batch.iter().zip(tensor.chunks_exact_mut(per_image)) {
+            normalizer.apply(&p.rgb, slot);
+        }
+        let started = Instant::now();
+        let run = engine.run(&tensor[..n * per_image], n, &mut out);
+        let infer = started.elapsed();
+        ctx.metrics.add_batch(n);
+        let snapshot = ctx.refdb.snapshot();
+        for (i, p) in batch.drain(..).enumerate() {
+            pool.put(p.rgb);
+            p.request.rode_batch(n, infer);
+            let item = match &run {
+                Err(e) => {
+                    ctx.metrics.add_errors(1);
+                    Item::error(p.id, format!("inference failed: {e}"))
+                }
+                Ok(()) => {
+                    let t = Instant::now();
+                    let emb = &out.embeddings[i * dim..(i + 1) * dim];
+                    let r = snapshot
+                        .index
+                        .search(emb, p.request.top_k, ctx.unknown_threshold);
+                    let classifier = (classes > 0).then(|| {
+                        let g = best_class(&out.class_probs[i * classes..(i + 1) * classes], &labels);
+                        ClassifierOut {
+                            label: g.label,
+                            probability: g.probability,
+                        }
+                    });
+                    p.request.add_search(t.elapsed());
+                    Item {
+                        id: p.id,
+                        decision: match r.decision {
+                            Decision::Match => ItemDecision::Match,
+                            Decision::Unknown => ItemDecision::Unknown,
+                        },
+                        label: r.label,
+                        similarity: Some(r.similarity),
+                        distance: Some(r.distance),
+                        candidates: Some(
+                            r.candidates
+                                .into_iter()
+                                .map(|c| CandidateOut {
+                                    label: c.label,
+                                    similarity: c.similarity,
+                                    ref_id: c.ref_id,
+                                })
+                                .collect(),
+                        ),
+                        classifier,
+                        error: None,
+                    }
+                }
+            };
+            if p.request.complete(p.index, item) {
+                ctx.finish(&p.request, snapshot.meta.version);
+            }
+        }
+    }
+}

@@ -1,0 +1,457 @@
+//! The reference DB: durable references (sled), their content digest and
+//! version, and the in-memory index that answers searches.
+//!
+//! Writers are serialised and build a complete new [`Snapshot`] that is
+//! swapped in only after the change is durable, so recognition keeps
+//! serving the old snapshot meanwhile and never sees half an update.
+//! Computing embeddings from images is the caller's job (it owns the model).
+
+pub mod digest;
+pub mod export;
+pub mod index;
+pub mod store;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+use std::sync::{Arc, Mutex, RwLock};
+
+use serde::{Deserialize, Serialize};
+
+pub use digest::SourceKind;
+pub use index::{Candidate, Decision, Index, Recognition};
+pub use store::{StoreError, StoredRef};
+
+use digest::DigestBuilder;
+use store::{Store, StoreChange};
+
+/// Longest `ref_id` or label accepted, in bytes.
+pub const MAX_ID_BYTES: usize = 512;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RefDbError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("reference {ref_id:?} has a {got}-dimensional embedding; the model produces {expected} dimensions")]
+    Dimension {
+        ref_id: String,
+        got: usize,
+        expected: usize,
+    },
+    #[error("reference {ref_id:?} was embedded by model {got}; the running model is {expected} (send the image instead, or an embedding from this model)")]
+    Fingerprint {
+        ref_id: String,
+        got: String,
+        expected: String,
+    },
+    #[error("reference {ref_id:?}: {message}")]
+    InvalidRef { ref_id: String, message: String },
+}
+
+/// What the contract reports about a DB: `{version, digest, refs, labels}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DbMeta {
+    pub version: u64,
+    pub digest: String,
+    pub refs: u64,
+    pub labels: u64,
+}
+
+/// A reference to add or replace.
+#[derive(Debug, Clone)]
+pub struct NewRef {
+    pub ref_id: String,
+    pub label: String,
+    pub kind: SourceKind,
+    pub source_sha256: [u8; 32],
+    pub embedding: Vec<f32>,
+    pub model_fingerprint: String,
+    pub image: Option<Vec<u8>>,
+}
+
+impl NewRef {
+    /// A reference embedded by this agent from `image`.
+    pub fn from_image(
+        ref_id: String,
+        label: String,
+        image: Vec<u8>,
+        embedding: Vec<f32>,
+        model_fingerprint: &str,
+    ) -> Self {
+        Self {
+            ref_id,
+            label,
+            kind: SourceKind::Image,
+            source_sha256: digest::source_sha256(&image),
+            embedding,
+            model_fingerprint: model_fingerprint.to_string(),
+            image: Some(image),
+        }
+    }
+
+    /// A reference given as an embedding computed elsewhere.
+    pub fn from_embedding(
+        ref_id: String,
+        label: String,
+        embedding: Vec<f32>,
+        model_fingerprint: String,
+    ) -> Self {
+        Self {
+            ref_id,
+            label,
+            kind: SourceKind::Embedding,
+            source_sha256: digest::source_sha256(&digest::embedding_bytes(&embedding)),
+            embedding,
+            model_fingerprint,
+            image: None,
+        }
+    }
+}
+
+/// One operation of an update; applied in order.
+#[derive(Debug, Clone)]
+pub enum RefOp {
+    Upsert(NewRef),
+    Delete(String),
+    DeleteLabel(String),
+    Clear,
+}
+
+/// Settings that tie the DB to the running model.
+#[derive(Debug, Clone)]
+pub struct RefDbSettings {
+    pub dim: usize,
+    pub model_fingerprint: String,
+    pub prototypes_per_class: usize,
+    pub store_images: bool,
+    pub cache_mb: u64,
+}
+
+/// Everything known about one stored reference except its vector.
+#[derive(Debug, Clone)]
+pub struct EntryInfo {
+    pub label: String,
+    pub kind: SourceKind,
+    pub source_sha256: [u8; 32],
+    pub model_fingerprint: String,
+    /// Row in the index; `None` when the reference cannot be searched with
+    /// the running model (embedded by another model).
+    pub row: Option<u32>,
+}
+
+/// An immutable view of the DB: what a search uses.
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    pub index: Index,
+    pub meta: DbMeta,
+    /// All stored references by `ref_id` (ascending byte order).
+    pub entries: BTreeMap<String, EntryInfo>,
+}
+
+impl Default for DbMeta {
+    fn default() -> Self {
+        Self {
+            version: 0,
+            digest: DigestBuilder::default().finish(),
+            refs: 0,
+            labels: 0,
+        }
+    }
+}
+
+impl Snapshot {
+    /// References that the running model cannot search (other model).
+    pub fn stale(&self) -> impl Iterator<Item = (&String, &EntryInfo)> {
+        self.entries.iter().filter(|(_, e)| e.row.is_none())
+    }
+}
+
+pub struct RefDb {
+    store: Store,
+    settings: RefDbSettings,
+    current: RwLock<Arc<Snapshot>>,
+    writer: Mutex<()>,
+}
+
+/// A reference's vector while an update is worked out.
+enum Vector {
+    Row(u32),
+    New(Vec<f32>),
+    Stale,
+}
+
+struct Working {
+    info: EntryInfo,
+    vector: Vector,
+}
+
+impl RefDb {
+    /// Opens the DB in `dir` and builds the index for the running model.
+    pub fn open(dir: &Path, settings: RefDbSettings) -> Result<Self, RefDbError> {
+        let store = Store::open(dir, settings.cache_mb)?;
+        let version = store.version()?;
+        let mut work = BTreeMap::new();
+        for r in store.load_all()? {
+            let source_sha256: [u8; 32] =
+                r.source_sha256
+                    .as_slice()
+                    .try_into()
+                    .map_err(|_| StoreError::Corrupt {
+                        key: r.ref_id.clone(),
+                        message: "source digest is not 32 bytes".into(),
+                    })?;
+            let usable = r.embedding.len() == settings.dim
+                && r.model_fingerprint == settings.model_fingerprint;
+            if !usable {
+                tracing::warn!(
+                    ref_id = %r.ref_id,
+                    dim = r.embedding.len(),
+                    model = %r.model_fingerprint,
+                    "reference was embedded by another model; it is not searched until re-embedded"
+                );
+            }
+            work.insert(
+                r.ref_id,
+                Working {
+                    info: EntryInfo {
+                        label: r.label,
+                        kind: r.kind,
+                        source_sha256,
+                        model_fingerprint: r.model_fingerprint,
+                        row: None,
+                    },
+                    vector: if usable {
+                        Vector::New(r.embedding)
+                    } else {
+                        Vector::Stale
+                    },
+                },
+            );
+        }
+        let snapshot = build_snapshot(&settings, None, work, version);
+        Ok(Self {
+            store,
+            settings,
+            current: RwLock::new(Arc::new(snapshot)),
+            writer: Mutex::new(()),
+        })
+    }
+
+    /// The current snapshot; cheap, never blocks on a writer for long.
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        match self.current.read() {
+            Ok(g) => Arc::clone(&g),
+            Err(poisoned) => Arc::clone(&poisoned.into_inner()),
+        }
+    }
+
+    pub fn meta(&self) -> DbMeta {
+        self.snapshot().meta.clone()
+    }
+
+    pub fn settings(&self) -> &RefDbSettings {
+        &self.settings
+    }
+
+    /// Whether an update with this id was applied before.
+    pub fn was_applied(&self, update_id: &str) -> Result<bool, RefDbError> {
+        Ok(self.store.was_applied(update_id)?)
+    }
+
+    /// The stored source image of a reference, if kept.
+    pub fn image(&self, ref_id: &str) -> Result<Option<Vec<u8>>, RefDbError> {
+        Ok(self.store.image(ref_id)?)
+    }
+
+    /// All stored records, for export.
+    pub fn records(&self) -> Result<Vec<StoredRef>, RefDbError> {
+        Ok(self.store.load_all()?)
+    }
+
+    pub fn size_on_disk(&self) -> u64 {
+        self.store.size_on_disk()
+    }
+
+    pub fn flush(&self) -> Result<(), RefDbError> {
+        Ok(self.store.flush()?)
+    }
+
+    /// Checks an op against the running model without applying it.
+    pub fn validate(&self, op: &RefOp) -> Result<(), RefDbError> {
+        let check_id = |id: &str, what: &str| {
+            if id.is_empty() || id.len() > MAX_ID_BYTES {
+                Err(RefDbError::InvalidRef {
+                    ref_id: id.to_string(),
+                    message: format!("{what} must be 1 to {MAX_ID_BYTES} bytes"),
+                })
+            } else {
+                Ok(())
+            }
+        };
+        match op {
+            RefOp::Upsert(r) => {
+                check_id(&r.ref_id, "ref_id")?;
+                if r.label.is_empty() || r.label.len() > MAX_ID_BYTES {
+                    return Err(RefDbError::InvalidRef {
+                        ref_id: r.ref_id.clone(),
+                        message: format!("label must be 1 to {MAX_ID_BYTES} bytes"),
+                    });
+                }
+                if r.embedding.len() != self.settings.dim {
+                    return Err(RefDbError::Dimension {
+                        ref_id: r.ref_id.clone(),
+                        got: r.embedding.len(),
+                        expected: self.settings.dim,
+                    });
+                }
+                if r.embedding.iter().any(|v| !v.is_finite()) {
+                    return Err(RefDbError::InvalidRef {
+                        ref_id: r.ref_id.clone(),
+                        message: "embedding has non-finite values".into(),
+                    });
+                }
+                if r.model_fingerprint != self.settings.model_fingerprint {
+                    return Err(RefDbError::Fingerprint {
+                        ref_id: r.ref_id.clone(),
+                        got: r.model_fingerprint.clone(),
+                        expected: self.settings.model_fingerprint.clone(),
+                    });
+                }
+                Ok(())
+            }
+            RefOp::Delete(id) => check_id(id, "ref_id"),
+            RefOp::DeleteLabel(label) => check_id(label, "label"),
+            RefOp::Clear => Ok(()),
+        }
+    }
+
+    /// Applies `ops` in order, all or nothing, and sets the version to
+    /// `version`; records `update_id` as applied. Returns once the change is
+    /// durable and the new snapshot serves searches.
+    pub fn apply(
+        &self,
+        ops: Vec<RefOp>,
+        version: u64,
+        update_id: Option<&str>,
+    ) -> Result<DbMeta, RefDbError> {
+        for op in &ops {
+            self.validate(op)?;
+        }
+        let _writer = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        let old = self.snapshot();
+        let mut work: BTreeMap<String, Working> = old
+            .entries
+            .iter()
+            .map(|(id, info)| {
+                let vector = match info.row {
+                    Some(r) => Vector::Row(r),
+                    None => Vector::Stale,
+                };
+                (
+                    id.clone(),
+                    Working {
+                        info: info.clone(),
+                        vector,
+                    },
+                )
+            })
+            .collect();
+        let mut upserted: BTreeMap<String, Option<Vec<u8>>> = BTreeMap::new();
+        for op in ops {
+            match op {
+                RefOp::Upsert(r) => {
+                    let image = if self.settings.store_images { r.image } else { None };
+                    upserted.insert(r.ref_id.clone(), image);
+                    work.insert(
+                        r.ref_id,
+                        Working {
+                            info: EntryInfo {
+                                label: r.label,
+                                kind: r.kind,
+                                source_sha256: r.source_sha256,
+                                model_fingerprint: r.model_fingerprint,
+                                row: None,
+                            },
+                            vector: Vector::New(r.embedding),
+                        },
+                    );
+                }
+                RefOp::Delete(id) => {
+                    work.remove(&id);
+                }
+                RefOp::DeleteLabel(label) => work.retain(|_, w| w.info.label != label),
+                RefOp::Clear => work.clear(),
+            }
+        }
+        let mut changes: Vec<StoreChange> = old
+            .entries
+            .keys()
+            .filter(|id| !work.contains_key(*id))
+            .map(|id| StoreChange::Remove(id.clone()))
+            .collect();
+        for (id, image) in upserted {
+            if let Some(w) = work.get(&id) {
+                if let Vector::New(embedding) = &w.vector {
+                    changes.push(StoreChange::Put(StoredRef {
+                        ref_id: id.clone(),
+                        label: w.info.label.clone(),
+                        kind: w.info.kind,
+                        source_sha256: w.info.source_sha256.to_vec(),
+                        embedding: embedding.clone(),
+                        model_fingerprint: w.info.model_fingerprint.clone(),
+                        image,
+                    }));
+                }
+            }
+        }
+        self.store.commit(&changes, version, update_id)?;
+        let snapshot = Arc::new(build_snapshot(&self.settings, Some(&old.index), work, version));
+        let meta = snapshot.meta.clone();
+        match self.current.write() {
+            Ok(mut g) => *g = snapshot,
+            Err(p) => *p.into_inner() = snapshot,
+        }
+        Ok(meta)
+    }
+}
+
+fn build_snapshot(
+    settings: &RefDbSettings,
+    old_index: Option<&Index>,
+    work: BTreeMap<String, Working>,
+    version: u64,
+) -> Snapshot {
+    let mut digest = DigestBuilder::default();
+    let mut labels = BTreeSet::new();
+    let mut entries = BTreeMap::new();
+    let mut rows: Vec<(String, String, Vec<f32>)> = Vec::new();
+    for (id, mut w) in work {
+        digest.add(&id, &w.info.label, w.info.kind, &w.info.source_sha256);
+        labels.insert(w.info.label.clone());
+        let vector = match w.vector {
+            Vector::Row(r) => old_index.map(|i| i.vector(r as usize).to_vec()),
+            Vector::New(v) => Some(v),
+            Vector::Stale => None,
+        };
+        w.info.row = vector.map(|v| {
+            rows.push((id.clone(), w.info.label.clone(), v));
+            (rows.len() - 1) as u32
+        });
+        entries.insert(id, w.info);
+    }
+    let index = Index::build(
+        settings.dim,
+        rows.iter().map(|(r, l, v)| (r.as_str(), l.as_str(), v.as_slice())),
+        settings.prototypes_per_class,
+    );
+    let meta = DbMeta {
+        version,
+        digest: digest.finish(),
+        refs: entries.len() as u64,
+        labels: labels.len() as u64,
+    };
+    Snapshot {
+        index,
+        meta,
+        entries,
+    }
+}

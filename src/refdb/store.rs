@@ -1,0 +1,192 @@
+//! Durable storage of references in sled.
+//!
+//! One tree, three key spaces: `r:<ref_id>` holds a [`StoredRef`]
+//! (MessagePack), `m:version` the DB version, `u:<update_id>` the updates
+//! already applied. Every change is one atomic `sled::Batch` followed by a
+//! flush, so a change is either wholly on disk or not at all. The in-memory
+//! index is not this module's business.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use super::digest::SourceKind;
+
+const REF_PREFIX: &[u8] = b"r:";
+const UPDATE_PREFIX: &[u8] = b"u:";
+const VERSION_KEY: &[u8] = b"m:version";
+const FORMAT_KEY: &[u8] = b"m:format";
+/// Layout version of what this module writes.
+const FORMAT: u32 = 1;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("cannot open reference DB at {path}: {message}")]
+    Open { path: PathBuf, message: String },
+    #[error("reference DB I/O failed: {0}")]
+    Io(#[from] sled::Error),
+    #[error("reference DB record {key} is corrupt: {message}")]
+    Corrupt { key: String, message: String },
+    #[error("reference DB at {path} has layout version {found}; this agent reads {FORMAT}")]
+    Format { path: PathBuf, found: u32 },
+}
+
+/// A reference as stored on disk.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StoredRef {
+    pub ref_id: String,
+    pub label: String,
+    pub kind: SourceKind,
+    #[serde(with = "serde_bytes")]
+    pub source_sha256: Vec<u8>,
+    pub embedding: Vec<f32>,
+    pub model_fingerprint: String,
+    /// The source image, kept so the reference can be re-embedded when the
+    /// model changes (absent for embedding upserts or when disabled).
+    #[serde(default, with = "serde_bytes")]
+    pub image: Option<Vec<u8>>,
+}
+
+/// One change to the stored references.
+#[derive(Debug, Clone)]
+pub enum StoreChange {
+    Put(StoredRef),
+    Remove(String),
+}
+
+pub struct Store {
+    db: sled::Db,
+    tree: sled::Tree,
+}
+
+impl Store {
+    /// Opens (or creates) the store in `dir` with a page cache of `cache_mb`.
+    pub fn open(dir: &Path, cache_mb: u64) -> Result<Self, StoreError> {
+        let open_err = |message: String| StoreError::Open {
+            path: dir.to_path_buf(),
+            message,
+        };
+        std::fs::create_dir_all(dir).map_err(|e| open_err(e.to_string()))?;
+        let db = sled::Config::new()
+            .path(dir)
+            .cache_capacity(cache_mb.max(1) * 1024 * 1024)
+            .mode(sled::Mode::LowSpace)
+            .open()
+            .map_err(|e| open_err(e.to_string()))?;
+        let tree = db.open_tree("refdb").map_err(|e| open_err(e.to_string()))?;
+        match tree.get(FORMAT_KEY)? {
+            None => {
+                tree.insert(FORMAT_KEY, &FORMAT.to_le_bytes())?;
+            }
+            Some(v) => {
+                let found = v
+                    .as_ref()
+                    .try_into()
+                    .map(u32::from_le_bytes)
+                    .unwrap_or(u32::MAX);
+                if found != FORMAT {
+                    return Err(StoreError::Format {
+                        path: dir.to_path_buf(),
+                        found,
+                    });
+                }
+            }
+        }
+        Ok(Self { db, tree })
+    }
+
+    pub fn version(&self) -> Result<u64, StoreError> {
+        Ok(match self.tree.get(VERSION_KEY)? {
+            None => 0,
+            Some(v) => v
+                .as_ref()
+                .try_into()
+                .map(u64::from_be_bytes)
+                .map_err(|_| StoreError::Corrupt {
+                    key: "m:version".into(),
+                    message: format!("{} bytes", v.len()),
+                })?,
+        })
+    }
+
+    /// All references in ascending byte order of `ref_id`.
+    pub fn load_all(&self) -> Result<Vec<StoredRef>, StoreError> {
+        let mut out = Vec::new();
+        for item in self.tree.scan_prefix(REF_PREFIX) {
+            let (key, value) = item?;
+            let record: StoredRef =
+                rmp_serde::from_slice(&value).map_err(|e| StoreError::Corrupt {
+                    key: String::from_utf8_lossy(&key).into_owned(),
+                    message: e.to_string(),
+                })?;
+            out.push(record);
+        }
+        Ok(out)
+    }
+
+    /// The stored image of a reference, when one was kept.
+    pub fn image(&self, ref_id: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        match self.tree.get(ref_key(ref_id))? {
+            None => Ok(None),
+            Some(v) => {
+                let r: StoredRef = rmp_serde::from_slice(&v).map_err(|e| StoreError::Corrupt {
+                    key: ref_id.into(),
+                    message: e.to_string(),
+                })?;
+                Ok(r.image)
+            }
+        }
+    }
+
+    /// Whether `update_id` was applied before.
+    pub fn was_applied(&self, update_id: &str) -> Result<bool, StoreError> {
+        Ok(self.tree.contains_key(update_key(update_id))?)
+    }
+
+    /// Applies `changes`, sets the version and records `update_id`, as one
+    /// atomic batch, and waits until it is on disk.
+    pub fn commit(
+        &self,
+        changes: &[StoreChange],
+        version: u64,
+        update_id: Option<&str>,
+    ) -> Result<(), StoreError> {
+        let mut batch = sled::Batch::default();
+        for change in changes {
+            match change {
+                StoreChange::Put(r) => {
+                    let bytes = rmp_serde::to_vec_named(r).map_err(|e| StoreError::Corrupt {
+                        key: r.ref_id.clone(),
+                        message: e.to_string(),
+                    })?;
+                    batch.insert(ref_key(&r.ref_id), bytes);
+                }
+                StoreChange::Remove(id) => batch.remove(ref_key(id)),
+            }
+        }
+        batch.insert(VERSION_KEY, &version.to_be_bytes());
+        if let Some(id) = update_id {
+            batch.insert(update_key(id), &version.to_be_bytes());
+        }
+        self.tree.apply_batch(batch)?;
+        self.db.flush()?;
+        Ok(())
+    }
+
+    pub fn flush(&self) -> Result<(), StoreError> {
+        self.db.flush()?;
+        Ok(())
+    }
+
+    pub fn size_on_disk(&self) -> u64 {
+        self.db.size_on_disk().unwrap_or(0)
+    }
+}
+
+fn ref_key(ref_id: &str) -> Vec<u8> {
+    [REF_PREFIX, ref_id.as_bytes()].concat()
+}
+
+fn update_key(update_id: &str) -> Vec<u8> {
+    [UPDATE_PREFIX, update_id.as_bytes()].concat()
+}
