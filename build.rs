@@ -9,7 +9,11 @@ fn list(root: &Path) -> Vec<(String, String, String)> {
     let Ok(labels) = std::fs::read_dir(root) else {
         return out;
     };
-    let mut labels: Vec<_> = labels.flatten().map(|e| e.path()).filter(|p| p.is_dir()).collect();
+    let mut labels: Vec<_> = labels
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.is_dir())
+        .collect();
     labels.sort();
     for dir in labels {
         let label = dir.file_name().unwrap().to_string_lossy().into_owned();
@@ -22,7 +26,11 @@ fn list(root: &Path) -> Vec<(String, String, String)> {
         files.sort();
         for f in files {
             let name = f.file_name().unwrap().to_string_lossy().into_owned();
-            out.push((label.clone(), name, f.canonicalize().unwrap().display().to_string()));
+            out.push((
+                label.clone(),
+                name,
+                f.canonicalize().unwrap().display().to_string(),
+            ));
         }
     }
     out
@@ -33,7 +41,10 @@ fn main() {
     println!("cargo:rerun-if-changed={}", root.display());
     let mut code = String::new();
     for (name, sub) in [("DEMO_REFS", "refs"), ("DEMO_QUERIES", "queries")] {
-        let _ = writeln!(code, "/// (label, file name, bytes) of testdata/synthetic/{sub}.");
+        let _ = writeln!(
+            code,
+            "/// (label, file name, bytes) of testdata/synthetic/{sub}."
+        );
         let _ = writeln!(code, "pub static {name}: &[(&str, &str, &[u8])] = &[");
         for (label, file, path) in list(&root.join(sub)) {
             let _ = writeln!(code, "    ({label:?}, {file:?}, include_bytes!({path:?})),");

@@ -71,7 +71,10 @@ impl Default for AgentConfig {
 
 /// The host name, or `retail-agent` when it cannot be read.
 pub fn default_device_id() -> String {
-    let name = gethostname::gethostname().to_string_lossy().trim().to_string();
+    let name = gethostname::gethostname()
+        .to_string_lossy()
+        .trim()
+        .to_string();
     if name.is_empty() {
         "retail-agent".into()
     } else {
@@ -448,7 +451,9 @@ impl LoadedConfig {
             return bad("bus.results_qos must be 0, 1 or 2");
         }
         if c.runtime.execution_providers.is_empty() {
-            return bad("runtime.execution_providers must list at least one provider (e.g. [\"cpu\"])");
+            return bad(
+                "runtime.execution_providers must list at least one provider (e.g. [\"cpu\"])",
+            );
         }
         if c.recognition.top_k == 0 || c.recognition.top_k > 20 {
             return bad("recognition.top_k must be between 1 and 20");
@@ -507,7 +512,9 @@ fn apply_override(table: &mut toml::Table, key: &str, raw: &str) -> Result<(), S
 fn parse_env_value(raw: &str) -> toml::Value {
     let probe = format!("v = {raw}");
     match toml::from_str::<toml::Table>(&probe) {
-        Ok(mut t) => t.remove("v").unwrap_or_else(|| toml::Value::String(raw.into())),
+        Ok(mut t) => t
+            .remove("v")
+            .unwrap_or_else(|| toml::Value::String(raw.into())),
         Err(_) => toml::Value::String(raw.into()),
     }
 }
@@ -550,7 +557,10 @@ mod tests {
         .config;
         assert_eq!(c.bus.port, 1999);
         assert_eq!(c.bus.host, "broker.local");
-        assert_eq!(c.runtime.execution_providers, vec![ExecutionProviderKind::Cpu]);
+        assert_eq!(
+            c.runtime.execution_providers,
+            vec![ExecutionProviderKind::Cpu]
+        );
     }
 
     #[test]
@@ -575,7 +585,9 @@ mod tests {
 
     #[test]
     fn invalid_values_are_explained() {
-        let err = load("[recognition]\ntop_k = 0\n", &[]).unwrap_err().to_string();
+        let err = load("[recognition]\ntop_k = 0\n", &[])
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("top_k"), "{err}");
     }
 }

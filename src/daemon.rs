@@ -104,12 +104,14 @@ impl Agent {
             refdb: refdb.clone(),
             out: out_tx.clone(),
         };
-        let pipeline = Arc::new(Pipeline::start(ctx, engine, &c.pipeline).context("starting the pipeline")?);
+        let pipeline =
+            Arc::new(Pipeline::start(ctx, engine, &c.pipeline).context("starting the pipeline")?);
         let options = bus::mqtt_options(&cfg, &status, &topics)?;
         let (client, eventloop) = rumqttc::AsyncClient::new(options, 1024);
         let (connected_tx, connected_rx) = watch::channel(false);
         let (stopping_tx, stopping_rx) = watch::channel(false);
         let accepting = Arc::new(AtomicBool::new(true));
+        let acks = Arc::new(bus::AckSequencer::default());
         let event_loop = tokio::spawn(
             EventLoopTask {
                 eventloop,
@@ -118,6 +120,7 @@ impl Agent {
                 status: status.clone(),
                 pipeline: pipeline.clone(),
                 metrics: metrics.clone(),
+                acks: acks.clone(),
                 out: out_tx.clone(),
                 connected: connected_tx,
                 accepting: accepting.clone(),
@@ -134,6 +137,7 @@ impl Agent {
                 connected: connected_rx.clone(),
                 capacity: c.bus.outbox_capacity,
                 metrics: metrics.clone(),
+                acks,
             }
             .run(),
         );
@@ -200,7 +204,9 @@ impl Agent {
     /// Waits until the agent is connected to the broker.
     pub async fn wait_connected(&self, timeout: Duration) -> bool {
         let mut rx = self.connected.clone();
-        tokio::time::timeout(timeout, rx.wait_for(|c| *c)).await.is_ok_and(|r| r.is_ok())
+        tokio::time::timeout(timeout, rx.wait_for(|c| *c))
+            .await
+            .is_ok_and(|r| r.is_ok())
     }
 
     /// Graceful stop: stop taking requests, finish the in-flight ones,
@@ -216,7 +222,10 @@ impl Agent {
         .await;
         match left {
             Ok(Ok(left)) if !left.is_empty() => {
-                info!(count = left.len(), "requests never started are left unacknowledged for redelivery");
+                info!(
+                    count = left.len(),
+                    "requests never started are left unacknowledged for redelivery"
+                );
             }
             Ok(_) => {}
             Err(_) => warn!("in-flight requests did not finish within {STOP_TIMEOUT:?}"),
@@ -232,7 +241,12 @@ impl Agent {
             let payload = self.status.status_payload(AgentState::Offline);
             let _ = self
                 .client
-                .publish(&self.topics.status, rumqttc::QoS::AtLeastOnce, true, payload)
+                .publish(
+                    &self.topics.status,
+                    rumqttc::QoS::AtLeastOnce,
+                    true,
+                    payload,
+                )
                 .await;
         }
         let _ = self.stopping.send(true);
@@ -264,7 +278,10 @@ pub async fn run_until_signal(cfg: LoadedConfig) -> anyhow::Result<()> {
 
 async fn wait_for_signal() {
     use tokio::signal::unix::{signal, SignalKind};
-    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
         (Ok(mut term), Ok(mut int)) => {
             tokio::select! {
                 _ = term.recv() => info!("SIGTERM received"),

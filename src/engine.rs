@@ -35,7 +35,9 @@ pub enum EngineError {
         manifest: PathBuf,
         message: String,
     },
-    #[error("no execution provider could be used ({tried}); add \"cpu\" to runtime.execution_providers")]
+    #[error(
+        "no execution provider could be used ({tried}); add \"cpu\" to runtime.execution_providers"
+    )]
     NoProvider { tried: String },
     #[error("inference failed: {0}")]
     Run(String),
@@ -124,8 +126,13 @@ fn well_known_library_dirs() -> Vec<PathBuf> {
             }
         }
     }
-    dirs.push(PathBuf::from("/usr/lib/python3/dist-packages/onnxruntime/capi"));
-    dirs.push(PathBuf::from(format!("/usr/lib/{}-linux-gnu", std::env::consts::ARCH)));
+    dirs.push(PathBuf::from(
+        "/usr/lib/python3/dist-packages/onnxruntime/capi",
+    ));
+    dirs.push(PathBuf::from(format!(
+        "/usr/lib/{}-linux-gnu",
+        std::env::consts::ARCH
+    )));
     dirs.push(PathBuf::from("/usr/local/lib"));
     dirs
 }
@@ -136,9 +143,9 @@ fn find_library_in(dir: &Path) -> Option<PathBuf> {
         .flatten()
         .map(|e| e.path())
         .filter(|p| {
-            p.file_name().and_then(|n| n.to_str()).is_some_and(|n| {
-                n == "libonnxruntime.so" || n.starts_with("libonnxruntime.so.")
-            })
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n == "libonnxruntime.so" || n.starts_with("libonnxruntime.so."))
         })
         .collect();
     found.sort();
@@ -146,7 +153,9 @@ fn find_library_in(dir: &Path) -> Option<PathBuf> {
 }
 
 /// Loads ONNX Runtime once per process and returns its environment.
-pub fn runtime(configured: Option<&Path>) -> Result<&'static ort::environment::Environment, EngineError> {
+pub fn runtime(
+    configured: Option<&Path>,
+) -> Result<&'static ort::environment::Environment, EngineError> {
     let path = locate_library(configured)?;
     if let Some(rt) = RUNTIME.get() {
         if rt.path != path {
@@ -238,7 +247,10 @@ impl Engine {
                     return Self::checked(session, manifest, kind);
                 }
                 Err(OpenError::Provider(message)) => {
-                    tracing::warn!(provider = kind.name(), "execution provider unusable, trying the next: {message}");
+                    tracing::warn!(
+                        provider = kind.name(),
+                        "execution provider unusable, trying the next: {message}"
+                    );
                     tried.push(format!("{}: {message}", kind.name()));
                 }
                 Err(OpenError::Model(message)) => {
@@ -248,7 +260,10 @@ impl Engine {
                             message,
                         });
                     }
-                    tracing::warn!(provider = kind.name(), "model failed to load with this provider, trying the next: {message}");
+                    tracing::warn!(
+                        provider = kind.name(),
+                        "model failed to load with this provider, trying the next: {message}"
+                    );
                     tried.push(format!("{}: {message}", kind.name()));
                     last_model_error = Some(message);
                 }
@@ -270,13 +285,12 @@ impl Engine {
         manifest: ModelManifest,
         provider: ExecutionProviderKind,
     ) -> Result<Self, EngineError> {
-        let (dim, classes) = check_tensors(&session, &manifest).map_err(|message| {
-            EngineError::Mismatch {
+        let (dim, classes) =
+            check_tensors(&session, &manifest).map_err(|message| EngineError::Mismatch {
                 path: manifest.onnx_path.clone(),
                 manifest: manifest.manifest_path.clone(),
                 message,
-            }
-        })?;
+            })?;
         Ok(Self {
             session,
             manifest,
@@ -311,7 +325,12 @@ impl Engine {
 
     /// Runs `n` images laid out NCHW in `input`, in chunks of the
     /// manifest's `max_batch`, and writes the results into `out`.
-    pub fn run(&mut self, input: &[f32], n: usize, out: &mut EngineOutput) -> Result<(), EngineError> {
+    pub fn run(
+        &mut self,
+        input: &[f32],
+        n: usize,
+        out: &mut EngineOutput,
+    ) -> Result<(), EngineError> {
         let per_image = self.image_len();
         if input.len() != n * per_image {
             return Err(EngineError::BatchShape {
@@ -328,7 +347,12 @@ impl Engine {
             self.manifest.file.input.width as usize,
         );
         let max_batch = self.manifest.file.max_batch;
-        let classifier = self.manifest.file.classifier.as_ref().map(|c| c.name.clone());
+        let classifier = self
+            .manifest
+            .file
+            .classifier
+            .as_ref()
+            .map(|c| c.name.clone());
         for (chunk_index, chunk) in input.chunks(max_batch * per_image).enumerate() {
             let b = chunk.len() / per_image;
             let tensor = TensorRef::from_array_view(([b, 3, h, w], chunk))
@@ -465,14 +489,18 @@ fn check_tensors(session: &Session, manifest: &ModelManifest) -> Result<(usize, 
     };
     let inputs = session.inputs();
     let outputs = session.outputs();
-    let input = inputs.iter().find(|o| o.name() == f.input.name).ok_or_else(|| {
-        format!(
-            "input `{}` not found; the model's inputs are {} (set input.name)",
-            f.input.name,
-            describe(inputs)
-        )
-    })?;
-    let dims = float_dims(input.dtype()).ok_or_else(|| format!("input `{}` is not a float32 tensor", f.input.name))?;
+    let input = inputs
+        .iter()
+        .find(|o| o.name() == f.input.name)
+        .ok_or_else(|| {
+            format!(
+                "input `{}` not found; the model's inputs are {} (set input.name)",
+                f.input.name,
+                describe(inputs)
+            )
+        })?;
+    let dims = float_dims(input.dtype())
+        .ok_or_else(|| format!("input `{}` is not a float32 tensor", f.input.name))?;
     let expected = [-1, 3, i64::from(f.input.height), i64::from(f.input.width)];
     let matches = dims.len() == 4
         && dims
@@ -495,7 +523,8 @@ fn check_tensors(session: &Session, manifest: &ModelManifest) -> Result<(usize, 
         })
     };
     let emb = output(&f.embedding.name)?;
-    let emb_dims = float_dims(emb.dtype()).ok_or_else(|| format!("output `{}` is not a float32 tensor", f.embedding.name))?;
+    let emb_dims = float_dims(emb.dtype())
+        .ok_or_else(|| format!("output `{}` is not a float32 tensor", f.embedding.name))?;
     let last = emb_dims.last().copied().unwrap_or(-1);
     if emb_dims.len() != 2 || (last >= 0 && last as usize != f.embedding.dim) {
         return Err(format!(
@@ -507,7 +536,8 @@ fn check_tensors(session: &Session, manifest: &ModelManifest) -> Result<(usize, 
         None => 0,
         Some(c) => {
             let out = output(&c.name)?;
-            let dims = float_dims(out.dtype()).ok_or_else(|| format!("output `{}` is not a float32 tensor", c.name))?;
+            let dims = float_dims(out.dtype())
+                .ok_or_else(|| format!("output `{}` is not a float32 tensor", c.name))?;
             let n = manifest.classifier_labels.len();
             let last = dims.last().copied().unwrap_or(-1);
             if dims.len() != 2 || (last >= 0 && last as usize != n) {

@@ -124,7 +124,9 @@ pub fn evaluate(refs: &[Sample], queries: &[Sample], opts: &Options) -> Report {
                 top1 += 1;
             } else if last {
                 if let Some(p) = first {
-                    *confused.entry((q.label.clone(), p.to_string())).or_default() += 1;
+                    *confused
+                        .entry((q.label.clone(), p.to_string()))
+                        .or_default() += 1;
                 }
             }
             if r.candidates.iter().any(|c| c.label == q.label) {
@@ -192,7 +194,11 @@ pub fn render_text(r: &Report) -> String {
         r.model_id, r.fingerprint, r.execution_provider, r.labels, r.references, r.queries, r.seed
     );
     let _ = writeln!(s, "\nembedding head: accuracy vs references per class");
-    let _ = writeln!(s, "{:>15} {:>8} {:>8} {:>8}", "refs/class", "refs", "top-1", "top-5");
+    let _ = writeln!(
+        s,
+        "{:>15} {:>8} {:>8} {:>8}",
+        "refs/class", "refs", "top-1", "top-5"
+    );
     for row in &r.rows {
         let _ = writeln!(
             s,
@@ -202,20 +208,34 @@ pub fn render_text(r: &Report) -> String {
     }
     match r.classifier_accuracy {
         Some(a) => {
-            let _ = writeln!(s, "\nclassifier head: top-1 {a:.4} over {} queries", r.classifier_queries);
+            let _ = writeln!(
+                s,
+                "\nclassifier head: top-1 {a:.4} over {} queries",
+                r.classifier_queries
+            );
         }
         None => {
-            let _ = writeln!(s, "\nclassifier head: none (or no query label among its classes)");
+            let _ = writeln!(
+                s,
+                "\nclassifier head: none (or no query label among its classes)"
+            );
         }
     }
     if !r.confused.is_empty() {
-        let _ = writeln!(s, "\nmost confused (truth -> predicted, at the largest reference count):");
+        let _ = writeln!(
+            s,
+            "\nmost confused (truth -> predicted, at the largest reference count):"
+        );
         for c in &r.confused {
             let _ = writeln!(s, "  {:>4}  {} -> {}", c.count, c.truth, c.predicted);
         }
     }
     if r.queries_without_refs > 0 {
-        let _ = writeln!(s, "\n{} queries have no references for their label and were not scored", r.queries_without_refs);
+        let _ = writeln!(
+            s,
+            "\n{} queries have no references for their label and were not scored",
+            r.queries_without_refs
+        );
     }
     if !r.failed.is_empty() {
         let _ = writeln!(s, "\n{} images could not be used:", r.failed.len());
@@ -238,10 +258,20 @@ pub fn render_html(r: &Report) -> String {
     use std::fmt::Write;
     let (w, h, pad) = (560.0, 300.0, 48.0);
     let n = r.rows.len().max(1);
-    let x = |i: usize| pad + (w - 2.0 * pad) * if n == 1 { 0.5 } else { i as f64 / (n - 1) as f64 };
+    let x = |i: usize| {
+        pad + (w - 2.0 * pad)
+            * if n == 1 {
+                0.5
+            } else {
+                i as f64 / (n - 1) as f64
+            }
+    };
     let y = |a: f64| h - pad - (h - 2.0 * pad) * a;
     let mut svg = String::new();
-    let _ = write!(svg, r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" role="img" aria-label="accuracy curve">"#);
+    let _ = write!(
+        svg,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" role="img" aria-label="accuracy curve">"#
+    );
     for t in 0..=5 {
         let a = t as f64 / 5.0;
         let _ = write!(
@@ -259,7 +289,11 @@ pub fn render_html(r: &Report) -> String {
         .enumerate()
         .map(|(i, row)| format!("{:.1},{:.1}", x(i), y(row.top1)))
         .collect();
-    let _ = write!(svg, r##"<polyline fill="none" stroke="#1f6feb" stroke-width="2" points="{}"/>"##, points.join(" "));
+    let _ = write!(
+        svg,
+        r##"<polyline fill="none" stroke="#1f6feb" stroke-width="2" points="{}"/>"##,
+        points.join(" ")
+    );
     for (i, row) in r.rows.iter().enumerate() {
         let _ = write!(
             svg,
@@ -284,7 +318,12 @@ pub fn render_html(r: &Report) -> String {
             y = y(a)
         );
     }
-    let _ = write!(svg, r#"<text x="{}" y="{}" font-size="12" text-anchor="middle">references per class</text></svg>"#, w / 2.0, h - 8.0);
+    let _ = write!(
+        svg,
+        r#"<text x="{}" y="{}" font-size="12" text-anchor="middle">references per class</text></svg>"#,
+        w / 2.0,
+        h - 8.0
+    );
 
     let mut rows = String::new();
     for row in &r.rows {
@@ -355,14 +394,20 @@ mod tests {
 
     #[test]
     fn parses_reference_counts() {
-        assert_eq!(parse_refs_per_class("1,5,all").unwrap(), vec![Some(1), Some(5), None]);
+        assert_eq!(
+            parse_refs_per_class("1,5,all").unwrap(),
+            vec![Some(1), Some(5), None]
+        );
         assert!(parse_refs_per_class("0").is_err());
         assert!(parse_refs_per_class("x").is_err());
     }
 
     #[test]
     fn scores_queries_and_reports_confusions() {
-        let refs = vec![sample("a", "a/1", [1.0, 0.0]), sample("b", "b/1", [0.0, 1.0])];
+        let refs = vec![
+            sample("a", "a/1", [1.0, 0.0]),
+            sample("b", "b/1", [0.0, 1.0]),
+        ];
         let queries = vec![
             sample("a", "qa", [0.9, 0.1]),
             sample("b", "qb", [0.8, 0.2]), // wrongly closer to a

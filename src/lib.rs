@@ -13,6 +13,7 @@ pub mod clock;
 pub mod config;
 pub mod daemon;
 pub mod dataset;
+pub mod demo;
 pub mod engine;
 pub mod eval;
 pub mod manifest;

@@ -184,7 +184,13 @@ impl ModelManifest {
             }
             None => Vec::new(),
         };
-        Self::from_parts(file, path.to_path_buf(), onnx_path, &bytes, classifier_labels)
+        Self::from_parts(
+            file,
+            path.to_path_buf(),
+            onnx_path,
+            &bytes,
+            classifier_labels,
+        )
     }
 
     /// Builds a manifest from an already-parsed file and the model bytes
@@ -282,8 +288,10 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
 /// Lower-case hex of `bytes`.
 pub fn hex(bytes: &[u8]) -> String {
     use std::fmt::Write;
-    bytes.iter().fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
-        let _ = write!(s, "{b:02x}");
-        s
-    })
+    bytes
+        .iter()
+        .fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
+            let _ = write!(s, "{b:02x}");
+            s
+        })
 }

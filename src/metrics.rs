@@ -176,7 +176,10 @@ impl Metrics {
             *h = Histograms::new();
         }
         let elapsed = {
-            let mut start = self.interval_start.lock().unwrap_or_else(|p| p.into_inner());
+            let mut start = self
+                .interval_start
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
             let e = start.elapsed();
             *start = Instant::now();
             e
@@ -200,7 +203,11 @@ impl Metrics {
             dropped,
             queue_depth: self.queue_depth.load(Ordering::Relaxed),
             batches,
-            mean_batch: if batches == 0 { 0.0 } else { batched as f64 / batches as f64 },
+            mean_batch: if batches == 0 {
+                0.0
+            } else {
+                batched as f64 / batches as f64
+            },
             throughput_cps: crops as f64 / secs,
             latency_us,
         }

@@ -71,7 +71,10 @@ pub fn engine_options(cfg: &LoadedConfig) -> EngineOptions {
 
 /// Opens the reference DB of `cfg` for the model `engine` runs.
 pub fn open_refdb(cfg: &LoadedConfig, engine: &Engine) -> Result<RefDb, RefDbError> {
-    RefDb::open(&cfg.refdb_dir(), refdb_settings(cfg, engine.manifest(), engine.dim()))
+    RefDb::open(
+        &cfg.refdb_dir(),
+        refdb_settings(cfg, engine.manifest(), engine.dim()),
+    )
 }
 
 /// The DB settings for a model with embeddings of `dim`.
@@ -164,7 +167,10 @@ impl Recognizer {
                 s.map(|i| Embedded {
                     embedding: self.out.embeddings[i * dim..(i + 1) * dim].to_vec(),
                     classifier: (classes > 0).then(|| {
-                        best_class(&self.out.class_probs[i * classes..(i + 1) * classes], labels)
+                        best_class(
+                            &self.out.class_probs[i * classes..(i + 1) * classes],
+                            labels,
+                        )
                     }),
                 })
             })
@@ -181,7 +187,10 @@ pub fn best_class(probs: &[f32], labels: &[String]) -> ClassifierGuess {
         .max_by(|a, b| a.1.total_cmp(&b.1))
         .unwrap_or((0, 0.0));
     ClassifierGuess {
-        label: labels.get(i).cloned().unwrap_or_else(|| format!("class-{i}")),
+        label: labels
+            .get(i)
+            .cloned()
+            .unwrap_or_else(|| format!("class-{i}")),
         probability: p,
     }
 }

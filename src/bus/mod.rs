@@ -9,6 +9,7 @@
 //! payload types are in [`protocol`]; what happens to a request is the
 //! pipeline's business.
 
+pub mod acks;
 pub mod protocol;
 pub mod tls;
 pub mod topics;
@@ -27,8 +28,9 @@ use tracing::{debug, info, warn};
 
 use crate::config::{BusConfig, Encoding, LoadedConfig};
 use crate::metrics::Metrics;
-use crate::pipeline::{error_message, AckToken, Incoming, Outbound, Pipeline, Pushed, ToBus};
+use crate::pipeline::{error_message, Incoming, Outbound, Pipeline, Pushed, ToBus};
 use crate::refdb::RefDb;
+pub use acks::AckSequencer;
 use protocol::{AgentState, ModelRef, RefDbState, Status, StatusPeek, Will};
 pub use topics::Topics;
 
@@ -67,7 +69,10 @@ impl StatusSource {
     }
 
     pub fn boot_id(&self) -> String {
-        self.boot_id.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.boot_id
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     fn renew_boot_id(&self) -> String {
@@ -107,7 +112,12 @@ impl StatusSource {
             device_id: self.device_id.clone(),
             boot_id: self.boot_id(),
         };
-        LastWill::new(topic, protocol::encode(&will, self.encoding), QoS::AtLeastOnce, true)
+        LastWill::new(
+            topic,
+            protocol::encode(&will, self.encoding),
+            QoS::AtLeastOnce,
+            true,
+        )
     }
 }
 
@@ -119,7 +129,7 @@ fn new_boot_id() -> String {
     crate::manifest::hex(&b)
 }
 
-fn qos(q: u8) -> QoS {
+pub(crate) fn qos(q: u8) -> QoS {
     match q {
         0 => QoS::AtMostOnce,
         1 => QoS::AtLeastOnce,
@@ -129,7 +139,11 @@ fn qos(q: u8) -> QoS {
 
 /// MQTT options from the config: persistent session, stable client id,
 /// packet limits, credentials, TLS.
-pub fn mqtt_options(cfg: &LoadedConfig, status: &StatusSource, topics: &Topics) -> anyhow::Result<MqttOptions> {
+pub fn mqtt_options(
+    cfg: &LoadedConfig,
+    status: &StatusSource,
+    topics: &Topics,
+) -> anyhow::Result<MqttOptions> {
     let bus: &BusConfig = &cfg.config.bus;
     let client_id = bus
         .client_id
@@ -165,6 +179,7 @@ pub struct EventLoopTask {
     pub status: Arc<StatusSource>,
     pub pipeline: Arc<Pipeline>,
     pub metrics: Arc<Metrics>,
+    pub acks: Arc<AckSequencer>,
     pub out: mpsc::Sender<ToBus>,
     pub connected: watch::Sender<bool>,
     /// Cleared on shutdown: crop requests are then left unacknowledged.
@@ -182,7 +197,10 @@ impl EventLoopTask {
             rumqttc::SubscribeFilter::new(self.topics.status.clone(), QoS::AtLeastOnce),
         ];
         if let Some(pool) = &self.topics.pool_subscription {
-            subs.push(rumqttc::SubscribeFilter::new(pool.clone(), QoS::AtLeastOnce));
+            subs.push(rumqttc::SubscribeFilter::new(
+                pool.clone(),
+                QoS::AtLeastOnce,
+            ));
         }
         subs
     }
@@ -202,7 +220,10 @@ impl EventLoopTask {
                     if !ack.session_present && !saved.is_empty() {
                         // rumqttc drops its in-flight messages when the broker has
                         // no session for us; send them again ourselves.
-                        warn!(count = saved.len(), "broker had no session for us; re-sending in-flight messages");
+                        warn!(
+                            count = saved.len(),
+                            "broker had no session for us; re-sending in-flight messages"
+                        );
                         self.eventloop.pending.extend(saved.drain(..));
                     }
                     saved.clear();
@@ -223,6 +244,7 @@ impl EventLoopTask {
                 Ok(_) => {}
                 Err(e) => {
                     let _ = self.connected.send(false);
+                    self.acks.reset();
                     if *self.stopping.borrow() {
                         debug!("connection closed during shutdown: {e}");
                         break;
@@ -235,7 +257,9 @@ impl EventLoopTask {
                         .cloned()
                         .collect();
                     self.status.renew_boot_id();
-                    self.eventloop.mqtt_options.set_last_will(self.status.will(&self.topics.status));
+                    self.eventloop
+                        .mqtt_options
+                        .set_last_will(self.status.will(&self.topics.status));
                     log_connection_error(&e, backoff);
                     let mut stopping = self.stopping.clone();
                     tokio::select! {
@@ -253,9 +277,9 @@ impl EventLoopTask {
 
     fn publish_status(&self) {
         let payload = self.status.status_payload(AgentState::Online);
-        if let Err(e) = self
-            .client
-            .try_publish(&self.topics.status, QoS::AtLeastOnce, true, payload)
+        if let Err(e) =
+            self.client
+                .try_publish(&self.topics.status, QoS::AtLeastOnce, true, payload)
         {
             warn!("cannot queue the status message: {e}");
         }
@@ -268,10 +292,7 @@ impl EventLoopTask {
                 // Shutting down: leave it unacknowledged for redelivery.
                 return;
             }
-            let ack = (p.qos != QoS::AtMostOnce).then_some(AckToken {
-                pkid: p.pkid,
-                qos: p.qos as u8,
-            });
+            let ack = (p.qos != QoS::AtMostOnce).then(|| self.acks.register(p.pkid, p.qos as u8));
             let msg = Incoming {
                 payload: p.payload,
                 received: Instant::now(),
@@ -279,7 +300,9 @@ impl EventLoopTask {
             };
             match self.pipeline.submit(msg) {
                 Pushed::Queued => {}
-                Pushed::DroppedOldest(dropped) | Pushed::Rejected(dropped) => self.report_drop(dropped),
+                Pushed::DroppedOldest(dropped) | Pushed::Rejected(dropped) => {
+                    self.report_drop(dropped)
+                }
             }
             return;
         }
@@ -287,9 +310,8 @@ impl EventLoopTask {
             self.check_own_status(&p.payload);
         }
         if p.qos != QoS::AtMostOnce {
-            if let Err(e) = self.client.try_ack(&p) {
-                warn!("cannot acknowledge a message on {topic}: {e}");
-            }
+            let token = self.acks.register(p.pkid, p.qos as u8);
+            self.acks.done(token, &self.client);
         }
     }
 
@@ -302,7 +324,10 @@ impl EventLoopTask {
         if let Ok(peek) = protocol::decode::<StatusPeek>(payload, enc) {
             let ours = peek.boot_id.as_deref() == Some(self.status.boot_id().as_str());
             if peek.state == AgentState::Offline && !ours {
-                info!(stale_boot_id = peek.boot_id.as_deref().unwrap_or("-"), "a stale offline status was retained; publishing online again");
+                info!(
+                    stale_boot_id = peek.boot_id.as_deref().unwrap_or("-"),
+                    "a stale offline status was retained; publishing online again"
+                );
                 self.publish_status();
             }
         }
@@ -317,7 +342,10 @@ impl EventLoopTask {
         // Reading the request id means parsing the payload: not on the reactor.
         tokio::task::spawn_blocking(move || {
             let request_id = protocol::peek_request_id(&dropped.payload);
-            warn!(request_id = request_id.as_deref().unwrap_or("-"), "request dropped: ingest queue full");
+            warn!(
+                request_id = request_id.as_deref().unwrap_or("-"),
+                "request dropped: ingest queue full"
+            );
             let encoding = protocol::detect_encoding(&dropped.payload).unwrap_or(default_encoding);
             let msg = error_message(&topic, encoding, request_id, policy_reason, dropped.ack);
             let _ = out.blocking_send(ToBus::Send(msg));
@@ -326,7 +354,10 @@ impl EventLoopTask {
 }
 
 fn log_connection_error(e: &ConnectionError, backoff: Duration) {
-    warn!(retry_in_ms = backoff.as_millis() as u64, "broker connection failed: {e}");
+    warn!(
+        retry_in_ms = backoff.as_millis() as u64,
+        "broker connection failed: {e}"
+    );
 }
 
 /// Hands messages to rumqttc while connected; keeps up to `capacity`
@@ -337,6 +368,7 @@ pub struct PublisherTask {
     pub connected: watch::Receiver<bool>,
     pub capacity: usize,
     pub metrics: Arc<Metrics>,
+    pub acks: Arc<AckSequencer>,
 }
 
 impl PublisherTask {
@@ -380,7 +412,10 @@ impl PublisherTask {
 
     async fn drain(&self, outbox: &mut VecDeque<Outbound>) {
         if !outbox.is_empty() {
-            info!(count = outbox.len(), "publishing messages kept while disconnected");
+            info!(
+                count = outbox.len(),
+                "publishing messages kept while disconnected"
+            );
         }
         while let Some(m) = outbox.pop_front() {
             self.send(m).await;
@@ -397,11 +432,7 @@ impl PublisherTask {
             return;
         }
         if let Some(ack) = m.ack {
-            let mut p = Publish::new("", qos(ack.qos), Vec::<u8>::new());
-            p.pkid = ack.pkid;
-            if let Err(e) = self.client.ack(&p).await {
-                warn!("cannot acknowledge request {}: {e}", ack.pkid);
-            }
+            self.acks.done(ack, &self.client);
         }
     }
 }

@@ -20,10 +20,15 @@ pub const MAX_TOP_K: usize = 20;
 pub enum ProtocolError {
     #[error("payload is empty")]
     Empty,
-    #[error("payload is neither JSON (starts with '{{') nor a MessagePack map (first byte 0x{0:02x})")]
+    #[error(
+        "payload is neither JSON (starts with '{{') nor a MessagePack map (first byte 0x{0:02x})"
+    )]
     UnknownEncoding(u8),
     #[error("malformed {encoding} payload: {message}")]
-    Malformed { encoding: &'static str, message: String },
+    Malformed {
+        encoding: &'static str,
+        message: String,
+    },
     #[error("request_id must be 1 to {MAX_REQUEST_ID} bytes, got {0}")]
     RequestId(usize),
     #[error("crops must hold 1 to {max} crops, got {got}")]
@@ -45,7 +50,10 @@ pub fn detect_encoding(payload: &[u8]) -> Result<Encoding, ProtocolError> {
 }
 
 /// Decodes `payload` in the given encoding.
-pub fn decode<'a, T: Deserialize<'a>>(payload: &'a [u8], encoding: Encoding) -> Result<T, ProtocolError> {
+pub fn decode<'a, T: Deserialize<'a>>(
+    payload: &'a [u8],
+    encoding: Encoding,
+) -> Result<T, ProtocolError> {
     match encoding {
         Encoding::Json => serde_json::from_slice(payload).map_err(|e| ProtocolError::Malformed {
             encoding: "JSON",
@@ -391,9 +399,15 @@ mod tests {
     #[test]
     fn encoding_is_detected_from_the_first_byte() {
         assert_eq!(detect_encoding(b"{\"a\":1}").unwrap(), Encoding::Json);
-        assert_eq!(detect_encoding(&[0x81, 0xa1, b'a', 1]).unwrap(), Encoding::Msgpack);
+        assert_eq!(
+            detect_encoding(&[0x81, 0xa1, b'a', 1]).unwrap(),
+            Encoding::Msgpack
+        );
         assert_eq!(detect_encoding(&[0xde, 0, 1]).unwrap(), Encoding::Msgpack);
-        assert!(matches!(detect_encoding(&[0x92, 1, 2]), Err(ProtocolError::UnknownEncoding(0x92))));
+        assert!(matches!(
+            detect_encoding(&[0x92, 1, 2]),
+            Err(ProtocolError::UnknownEncoding(0x92))
+        ));
         assert_eq!(detect_encoding(b""), Err(ProtocolError::Empty));
     }
 
@@ -403,7 +417,9 @@ mod tests {
         struct T {
             data: Bytes,
         }
-        let t = T { data: Bytes(vec![1, 2, 255]) };
+        let t = T {
+            data: Bytes(vec![1, 2, 255]),
+        };
         let json = encode(&t, Encoding::Json);
         assert_eq!(std::str::from_utf8(&json).unwrap(), r#"{"data":"AQL/"}"#);
         let mp = encode(&t, Encoding::Msgpack);
@@ -425,9 +441,15 @@ mod tests {
         assert_eq!(req.crop_id(1), "b");
         assert!(matches!(req.crops[1].source(), Ok(CropSource::Bbox(_))));
         assert!(req.validate(1).is_err());
-        let wrong_type = decode::<CropRequest>(br#"{"request_id":"r","crops":[],"top_k":"x"}"#, Encoding::Json);
+        let wrong_type = decode::<CropRequest>(
+            br#"{"request_id":"r","crops":[],"top_k":"x"}"#,
+            Encoding::Json,
+        );
         assert!(wrong_type.is_err());
-        assert_eq!(peek_request_id(br#"{"request_id":"r9","crops":7}"#).as_deref(), Some("r9"));
+        assert_eq!(
+            peek_request_id(br#"{"request_id":"r9","crops":7}"#).as_deref(),
+            Some("r9")
+        );
     }
 
     #[test]

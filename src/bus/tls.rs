@@ -44,7 +44,11 @@ pub fn client_config(tls: &TlsConfig) -> anyhow::Result<Arc<rustls::ClientConfig
             .with_client_auth_cert(read_certs(cert)?, read_key(key)?)
             .context("client certificate and key do not match")?,
         (None, None) => builder.with_no_client_auth(),
-        _ => return Err(anyhow!("bus.tls needs both cert_file and key_file for mutual TLS")),
+        _ => {
+            return Err(anyhow!(
+                "bus.tls needs both cert_file and key_file for mutual TLS"
+            ))
+        }
     };
     Ok(Arc::new(config))
 }

@@ -32,7 +32,11 @@ impl Topics {
                 .pool
                 .as_ref()
                 .map(|p| format!("$share/{p}/{root}/pool/{p}/crops")),
-            pool_crops: cfg.bus.pool.as_ref().map(|p| format!("{root}/pool/{p}/crops")),
+            pool_crops: cfg
+                .bus
+                .pool
+                .as_ref()
+                .map(|p| format!("{root}/pool/{p}/crops")),
             results: format!("{dev}/results"),
             errors: format!("{dev}/errors"),
             fleet_refdb: format!("{root}/fleet/{}/refdb", cfg.fleet),
@@ -61,7 +65,10 @@ mod tests {
         cfg.bus.pool = Some("lane".into());
         let t = Topics::new(&cfg);
         assert_eq!(t.crops, "ror/cam1/crops");
-        assert_eq!(t.pool_subscription.as_deref(), Some("$share/lane/ror/pool/lane/crops"));
+        assert_eq!(
+            t.pool_subscription.as_deref(),
+            Some("$share/lane/ror/pool/lane/crops")
+        );
         assert!(t.is_crops("ror/pool/lane/crops"));
         assert_eq!(t.fleet_refdb, "ror/fleet/north/refdb");
         assert_eq!(t.refdb_ack, "ror/cam1/refdb/ack");

@@ -88,7 +88,10 @@ fn stats(cfg: &LoadedConfig, as_json: bool) -> anyhow::Result<()> {
         println!("reference DB {}", cfg.refdb_dir().display());
         println!("  version  {}", snap.meta.version);
         println!("  digest   {}", snap.meta.digest);
-        println!("  refs     {} ({} labels)", snap.meta.refs, snap.meta.labels);
+        println!(
+            "  refs     {} ({} labels)",
+            snap.meta.refs, snap.meta.labels
+        );
         if stale > 0 {
             println!("  stale    {stale} (embedded by another model; re-import or re-enrol them)");
         }

@@ -38,7 +38,10 @@ pub fn run(cfg: &LoadedConfig, refs: &Path, replace: bool) -> anyhow::Result<()>
     }
     let added = ops.len() - usize::from(replace);
     if added == 0 {
-        anyhow::bail!("none of the {total} images under {} could be enrolled", refs.display());
+        anyhow::bail!(
+            "none of the {total} images under {} could be enrolled",
+            refs.display()
+        );
     }
     let version = db.meta().version + 1;
     let meta = db.apply(ops, version, None)?;

@@ -32,12 +32,24 @@ pub struct Cli {
 #[derive(Debug, Args, Clone)]
 pub struct ConfigArg {
     /// Agent configuration file (TOML).
-    #[arg(long, short = 'c', env = "RETAIL_AGENT_CONFIG", default_value = "/etc/retail-agent/agent.toml")]
+    #[arg(
+        long,
+        short = 'c',
+        env = "RETAIL_AGENT_CONFIG",
+        default_value = "/etc/retail-agent/agent.toml"
+    )]
     pub config: PathBuf,
 }
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Self-contained demo: in-process broker, bundled test model, synthetic
+    /// products; prints each recognition and a latency table.
+    Demo {
+        /// Show the agent's log (info level).
+        #[arg(long)]
+        verbose: bool,
+    },
     /// Run the agent: serve the MQTT contract until SIGTERM/SIGINT.
     Run {
         #[command(flatten)]
@@ -134,11 +146,16 @@ pub fn main() -> ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
+        Command::Demo { verbose } => tokio_runtime()?.block_on(crate::demo::run(verbose)),
         Command::Run { config } => {
             let cfg = load_config(&config)?;
             tokio_runtime()?.block_on(crate::daemon::run_until_signal(cfg))
         }
-        Command::Enroll { config, refs, replace } => {
+        Command::Enroll {
+            config,
+            refs,
+            replace,
+        } => {
             let cfg = load_config(&config)?;
             enroll::run(&cfg, &refs, replace)
         }

@@ -30,7 +30,9 @@ pub fn run(
                 recognizer
                     .embed_encoded(&[&bytes])
                     .pop()
-                    .unwrap_or_else(|| Err(crate::engine::EngineError::Run("no result".into()).into()))
+                    .unwrap_or_else(|| {
+                        Err(crate::engine::EngineError::Run("no result".into()).into())
+                    })
                     .map_err(|e| e.to_string())
             });
         let embedded = match result {
@@ -38,7 +40,10 @@ pub fn run(
             Err(why) => {
                 failures += 1;
                 if as_json {
-                    println!("{}", json!({"image": path, "decision": "error", "error": why}));
+                    println!(
+                        "{}",
+                        json!({"image": path, "decision": "error", "error": why})
+                    );
                 } else {
                     println!("{}: error: {why}", path.display());
                 }
@@ -71,7 +76,13 @@ pub fn run(
             };
             println!("{}: {head}", path.display());
             for (i, c) in r.candidates.iter().enumerate() {
-                println!("  {}. {:<30} {:.3}  {}", i + 1, c.label, c.similarity, c.ref_id);
+                println!(
+                    "  {}. {:<30} {:.3}  {}",
+                    i + 1,
+                    c.label,
+                    c.similarity,
+                    c.ref_id
+                );
             }
             if let Some(c) = &embedded.classifier {
                 println!("  classifier: {} ({:.3})", c.label, c.probability);
@@ -79,7 +90,10 @@ pub fn run(
         }
     }
     if failures > 0 {
-        anyhow::bail!("{failures} of {} images could not be recognised", images.len());
+        anyhow::bail!(
+            "{failures} of {} images could not be recognised",
+            images.len()
+        );
     }
     Ok(())
 }

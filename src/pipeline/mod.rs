@@ -78,11 +78,26 @@ impl PipelineContext {
     }
 
     /// Reports a message that could not be handled at all and acknowledges it.
-    pub fn reject(&self, payload: &[u8], ack: Option<AckToken>, request_id: Option<String>, reason: String) {
+    pub fn reject(
+        &self,
+        payload: &[u8],
+        ack: Option<AckToken>,
+        request_id: Option<String>,
+        reason: String,
+    ) {
         self.metrics.add_errors(1);
-        warn!(request_id = request_id.as_deref().unwrap_or("-"), "request rejected: {reason}");
+        warn!(
+            request_id = request_id.as_deref().unwrap_or("-"),
+            "request rejected: {reason}"
+        );
         let encoding = protocol::detect_encoding(payload).unwrap_or(self.default_encoding);
-        self.send(error_message(&self.errors_topic, encoding, request_id, reason, ack));
+        self.send(error_message(
+            &self.errors_topic,
+            encoding,
+            request_id,
+            reason,
+            ack,
+        ));
     }
 
     fn finish(&self, req: &RequestState, refdb_version: u64) {
@@ -167,7 +182,11 @@ pub struct Pipeline {
 impl Pipeline {
     /// Starts the decode workers and the inference thread, which takes
     /// ownership of `engine`.
-    pub fn start(ctx: PipelineContext, engine: Engine, cfg: &PipelineConfig) -> std::io::Result<Self> {
+    pub fn start(
+        ctx: PipelineContext,
+        engine: Engine,
+        cfg: &PipelineConfig,
+    ) -> std::io::Result<Self> {
         let ctx = Arc::new(ctx);
         let queue = Arc::new(IngestQueue::new(cfg.queue_capacity, cfg.overflow));
         let geometry = crate::recognizer::geometry(engine.manifest());
@@ -185,8 +204,13 @@ impl Pipeline {
         };
         let mut threads = Vec::with_capacity(workers + 1);
         for i in 0..workers {
-            let (ctx, queue, tx, pool, geometry) =
-                (ctx.clone(), queue.clone(), tx.clone(), pool.clone(), geometry.clone());
+            let (ctx, queue, tx, pool, geometry) = (
+                ctx.clone(),
+                queue.clone(),
+                tx.clone(),
+                pool.clone(),
+                geometry.clone(),
+            );
             threads.push(
                 std::thread::Builder::new()
                     .name(format!("decode-{i}"))
@@ -305,7 +329,9 @@ fn handle_message(
         .any(|c| c.bbox.is_some())
         .then(|| match &req.frame {
             Some(f) => decode_image(&f.0, &ctx.limits),
-            None => Err(VisionError::Decode("bbox given but the request has no frame".into())),
+            None => Err(VisionError::Decode(
+                "bbox given but the request has no frame".into(),
+            )),
         });
     let mut prepared = Vec::with_capacity(n);
     let mut finished = false;
@@ -365,7 +391,9 @@ fn prepare_crop(
                 pre.resize_into(img, Some(rect), rgb)
             }
             Some(Err(e)) => Err(VisionError::Decode(format!("frame: {e}"))),
-            None => Err(VisionError::Decode("bbox given but the request has no frame".into())),
+            None => Err(VisionError::Decode(
+                "bbox given but the request has no frame".into(),
+            )),
         },
     }
 }
@@ -423,7 +451,8 @@ fn infer_loop(
                         .index
                         .search(emb, p.request.top_k, ctx.unknown_threshold);
                     let classifier = (classes > 0).then(|| {
-                        let g = best_class(&out.class_probs[i * classes..(i + 1) * classes], &labels);
+                        let g =
+                            best_class(&out.class_probs[i * classes..(i + 1) * classes], &labels);
                         ClassifierOut {
                             label: g.label,
                             probability: g.probability,

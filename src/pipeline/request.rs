@@ -9,11 +9,15 @@ use std::time::{Duration, Instant};
 use crate::bus::protocol::{Item, ModelRef, RecognitionResult, TimingUs};
 use crate::config::Encoding;
 
-/// Where a message came from and how to acknowledge it.
+/// How to acknowledge a received message once it is answered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct AckToken {
     pub pkid: u16,
     pub qos: u8,
+    /// Arrival order on this connection.
+    pub seq: u64,
+    /// Which connection it arrived on.
+    pub generation: u32,
 }
 
 /// A message as received from the bus.
@@ -82,17 +86,20 @@ impl RequestState {
     }
 
     pub fn set_decode(&self, d: Duration) {
-        self.decode_us.store(d.as_micros() as u64, Ordering::Relaxed);
+        self.decode_us
+            .store(d.as_micros() as u64, Ordering::Relaxed);
     }
 
     /// Records the batch a crop rode in.
     pub fn rode_batch(&self, size: usize, infer: Duration) {
         self.batch_size.fetch_max(size as u32, Ordering::Relaxed);
-        self.infer_us.fetch_max(infer.as_micros() as u64, Ordering::Relaxed);
+        self.infer_us
+            .fetch_max(infer.as_micros() as u64, Ordering::Relaxed);
     }
 
     pub fn add_search(&self, d: Duration) {
-        self.search_us.fetch_add(d.as_micros() as u64, Ordering::Relaxed);
+        self.search_us
+            .fetch_add(d.as_micros() as u64, Ordering::Relaxed);
     }
 
     /// Sets item `index`; returns true when it was the last one pending.
@@ -117,7 +124,12 @@ impl RequestState {
     }
 
     /// The result, once every item is set.
-    pub fn result(&self, device_id: &str, model: &ModelRef, refdb_version: u64) -> RecognitionResult {
+    pub fn result(
+        &self,
+        device_id: &str,
+        model: &ModelRef,
+        refdb_version: u64,
+    ) -> RecognitionResult {
         let items = self
             .items
             .lock()

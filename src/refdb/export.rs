@@ -92,7 +92,10 @@ pub fn read(path: &Path) -> Result<ExportFile, ExportError> {
     };
     let file: ExportFile = rmp_serde::from_slice(&bytes).map_err(|e| format_err(e.to_string()))?;
     if file.format != FORMAT {
-        return Err(format_err(format!("format is {:?}, expected {FORMAT:?}", file.format)));
+        return Err(format_err(format!(
+            "format is {:?}, expected {FORMAT:?}",
+            file.format
+        )));
     }
     if file.format_version != FORMAT_VERSION {
         return Err(format_err(format!(
@@ -113,20 +116,25 @@ impl ExportFile {
     ) -> Result<Vec<RefOp>, ExportError> {
         let mut ops = vec![RefOp::Clear];
         for r in self.refs {
-            let source_sha256: [u8; 32] = r.source_sha256.as_slice().try_into().map_err(|_| {
-                ExportError::Reembed {
-                    ref_id: r.ref_id.clone(),
-                    message: "source_sha256 is not 32 bytes".into(),
-                }
-            })?;
+            let source_sha256: [u8; 32] =
+                r.source_sha256
+                    .as_slice()
+                    .try_into()
+                    .map_err(|_| ExportError::Reembed {
+                        ref_id: r.ref_id.clone(),
+                        message: "source_sha256 is not 32 bytes".into(),
+                    })?;
             let embedding = if r.model_fingerprint == model_fingerprint {
                 r.embedding
             } else {
-                let image = r.image.as_deref().ok_or_else(|| ExportError::CannotReembed {
-                    ref_id: r.ref_id.clone(),
-                    got: r.model_fingerprint.clone(),
-                    expected: model_fingerprint.to_string(),
-                })?;
+                let image = r
+                    .image
+                    .as_deref()
+                    .ok_or_else(|| ExportError::CannotReembed {
+                        ref_id: r.ref_id.clone(),
+                        got: r.model_fingerprint.clone(),
+                        expected: model_fingerprint.to_string(),
+                    })?;
                 reembed(image).map_err(|message| ExportError::Reembed {
                     ref_id: r.ref_id.clone(),
                     message,

@@ -205,7 +205,11 @@ impl Index {
             })
             .collect();
         Recognition {
-            decision: if matched { Decision::Match } else { Decision::Unknown },
+            decision: if matched {
+                Decision::Match
+            } else {
+                Decision::Unknown
+            },
             label: matched.then(|| self.labels[top].clone()),
             similarity,
             distance: distance_from_similarity(similarity),
@@ -307,7 +311,11 @@ mod tests {
             ("b1", "banana", vec![0.0, 2.0, 0.0]),
             ("c1", "cherry", vec![0.0, 0.0, 1.0]),
         ];
-        Index::build(3, rows.iter().map(|(r, l, e)| (*r, *l, e.as_slice())), protos)
+        Index::build(
+            3,
+            rows.iter().map(|(r, l, e)| (*r, *l, e.as_slice())),
+            protos,
+        )
     }
 
     #[test]
@@ -350,7 +358,10 @@ mod tests {
         let proto = index(1);
         assert_eq!(proto.searched_vectors(), 3);
         let q = [0.0, 0.0, 1.0];
-        assert_eq!(full.search(&q, 1, 0.0).label, proto.search(&q, 1, 0.0).label);
+        assert_eq!(
+            full.search(&q, 1, 0.0).label,
+            proto.search(&q, 1, 0.0).label
+        );
         assert_eq!(proto.search(&q, 1, 0.0).candidates[0].ref_id, "c1");
     }
 }

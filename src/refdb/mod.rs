@@ -359,7 +359,11 @@ impl RefDb {
         for op in ops {
             match op {
                 RefOp::Upsert(r) => {
-                    let image = if self.settings.store_images { r.image } else { None };
+                    let image = if self.settings.store_images {
+                        r.image
+                    } else {
+                        None
+                    };
                     upserted.insert(r.ref_id.clone(), image);
                     work.insert(
                         r.ref_id,
@@ -404,7 +408,12 @@ impl RefDb {
             }
         }
         self.store.commit(&changes, version, update_id)?;
-        let snapshot = Arc::new(build_snapshot(&self.settings, Some(&old.index), work, version));
+        let snapshot = Arc::new(build_snapshot(
+            &self.settings,
+            Some(&old.index),
+            work,
+            version,
+        ));
         let meta = snapshot.meta.clone();
         match self.current.write() {
             Ok(mut g) => *g = snapshot,
@@ -440,7 +449,8 @@ fn build_snapshot(
     }
     let index = Index::build(
         settings.dim,
-        rows.iter().map(|(r, l, v)| (r.as_str(), l.as_str(), v.as_slice())),
+        rows.iter()
+            .map(|(r, l, v)| (r.as_str(), l.as_str(), v.as_slice())),
         settings.prototypes_per_class,
     );
     let meta = DbMeta {

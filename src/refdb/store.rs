@@ -98,14 +98,15 @@ impl Store {
     pub fn version(&self) -> Result<u64, StoreError> {
         Ok(match self.tree.get(VERSION_KEY)? {
             None => 0,
-            Some(v) => v
-                .as_ref()
-                .try_into()
-                .map(u64::from_be_bytes)
-                .map_err(|_| StoreError::Corrupt {
-                    key: "m:version".into(),
-                    message: format!("{} bytes", v.len()),
-                })?,
+            Some(v) => {
+                v.as_ref()
+                    .try_into()
+                    .map(u64::from_be_bytes)
+                    .map_err(|_| StoreError::Corrupt {
+                        key: "m:version".into(),
+                        message: format!("{} bytes", v.len()),
+                    })?
+            }
         })
     }
 

@@ -183,8 +183,14 @@ pub fn raw_image(
     }
     let rgb: Vec<u8> = match format {
         RawFormat::Rgb8 => data.to_vec(),
-        RawFormat::Bgr8 => data.chunks_exact(3).flat_map(|p| [p[2], p[1], p[0]]).collect(),
-        RawFormat::Rgba8 => data.chunks_exact(4).flat_map(|p| [p[0], p[1], p[2]]).collect(),
+        RawFormat::Bgr8 => data
+            .chunks_exact(3)
+            .flat_map(|p| [p[2], p[1], p[0]])
+            .collect(),
+        RawFormat::Rgba8 => data
+            .chunks_exact(4)
+            .flat_map(|p| [p[0], p[1], p[2]])
+            .collect(),
         RawFormat::Gray8 => data.iter().flat_map(|&g| [g, g, g]).collect(),
     };
     RgbImage::from_raw(width, height, rgb).ok_or(VisionError::ZeroSize)
@@ -254,7 +260,17 @@ mod tests {
             ..DecodeLimits::default()
         };
         let err = decode_image(&png(20, 20), &limits).unwrap_err();
-        assert!(matches!(err, VisionError::TooLarge { width: 20, height: 20, .. }), "{err}");
+        assert!(
+            matches!(
+                err,
+                VisionError::TooLarge {
+                    width: 20,
+                    height: 20,
+                    ..
+                }
+            ),
+            "{err}"
+        );
     }
 
     #[test]
@@ -276,7 +292,14 @@ mod tests {
         let gray = raw_image(1, 1, RawFormat::Gray8, &[9], &limits).unwrap();
         assert_eq!(gray.get_pixel(0, 0).0, [9, 9, 9]);
         let err = raw_image(2, 2, RawFormat::Rgb8, &[0; 11], &limits).unwrap_err();
-        assert!(matches!(err, VisionError::RawSize { expected: 12, actual: 11, .. }));
+        assert!(matches!(
+            err,
+            VisionError::RawSize {
+                expected: 12,
+                actual: 11,
+                ..
+            }
+        ));
     }
 
     #[test]

@@ -87,7 +87,15 @@ impl Preprocessor {
                 let rw = (f64::from(w) * f64::from(ratio)).round().max(f64::from(w)) as u32;
                 let rh = (f64::from(h) * f64::from(ratio)).round().max(f64::from(h)) as u32;
                 self.scratch.resize(rw as usize * rh as usize * 3, 0);
-                resize(&mut self.resizer, src, crop, filter, rw, rh, &mut self.scratch)?;
+                resize(
+                    &mut self.resizer,
+                    src,
+                    crop,
+                    filter,
+                    rw,
+                    rh,
+                    &mut self.scratch,
+                )?;
                 let off_x = center_offset(rw, w);
                 let off_y = center_offset(rh, h);
                 copy_region(&self.scratch, rw, off_x, off_y, dst, w, h, 0, 0, w, h);
@@ -98,7 +106,15 @@ impl Preprocessor {
                 let nw = ((crop.width * scale).round() as u32).clamp(1, w);
                 let nh = ((crop.height * scale).round() as u32).clamp(1, h);
                 self.scratch.resize(nw as usize * nh as usize * 3, 0);
-                resize(&mut self.resizer, src, crop, filter, nw, nh, &mut self.scratch)?;
+                resize(
+                    &mut self.resizer,
+                    src,
+                    crop,
+                    filter,
+                    nw,
+                    nh,
+                    &mut self.scratch,
+                )?;
                 dst.fill(pad);
                 let (ox, oy) = ((w - nw) / 2, (h - nh) / 2);
                 copy_region(&self.scratch, nw, 0, 0, dst, w, h, ox, oy, nw, nh);
@@ -200,9 +216,10 @@ fn resize(
         ResizeFilter::Bicubic => ResizeAlg::Convolution(FilterType::CatmullRom),
         ResizeFilter::Nearest => ResizeAlg::Nearest,
     };
-    let options = ResizeOptions::new()
-        .resize_alg(alg)
-        .crop(crop.x, crop.y, crop.width, crop.height);
+    let options =
+        ResizeOptions::new()
+            .resize_alg(alg)
+            .crop(crop.x, crop.y, crop.width, crop.height);
     resizer
         .resize(&src_view, &mut dst_view, &options)
         .map_err(|e| err(&e))
