@@ -237,14 +237,15 @@ impl Engine {
         for &kind in &options.runtime.execution_providers {
             match open_session(env, &manifest, options, kind) {
                 Ok(session) => {
+                    let engine = Self::checked(session, manifest, kind)?;
                     tracing::info!(
                         provider = kind.name(),
-                        model = manifest.id(),
-                        fingerprint = manifest.fingerprint(),
+                        model = engine.manifest.id(),
+                        fingerprint = engine.manifest.fingerprint(),
                         onnxruntime = %loaded_library().map(|p| p.display().to_string()).unwrap_or_default(),
                         "model loaded"
                     );
-                    return Self::checked(session, manifest, kind);
+                    return Ok(engine);
                 }
                 Err(OpenError::Provider(message)) => {
                     tracing::warn!(

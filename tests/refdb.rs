@@ -1,0 +1,205 @@
+//! The reference DB through its public API on a real sled directory:
+//! ordered all-or-nothing updates, durability, the contract's digest, and
+//! references from another model.
+
+use retail_agent::refdb::{NewRef, RefDb, RefDbError, RefDbSettings, RefOp, SourceKind};
+
+const FP: &str = "0123456789abcdef";
+
+fn settings(dim: usize, fingerprint: &str, protos: usize) -> RefDbSettings {
+    RefDbSettings {
+        dim,
+        model_fingerprint: fingerprint.into(),
+        prototypes_per_class: protos,
+        store_images: true,
+        cache_mb: 4,
+    }
+}
+
+fn emb(ref_id: &str, label: &str, v: &[f32]) -> RefOp {
+    RefOp::Upsert(NewRef::from_embedding(
+        ref_id.into(),
+        label.into(),
+        v.to_vec(),
+        FP.into(),
+    ))
+}
+
+fn img(ref_id: &str, label: &str, bytes: &[u8], v: &[f32]) -> RefOp {
+    RefOp::Upsert(NewRef::from_image(
+        ref_id.into(),
+        label.into(),
+        bytes.to_vec(),
+        v.to_vec(),
+        FP,
+    ))
+}
+
+/// The contract's digest, written out independently of the crate.
+fn contract_digest(refs: &[(&str, &str, u8, Vec<u8>)]) -> String {
+    let mut sorted: Vec<_> = refs.to_vec();
+    sorted.sort_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
+    let mut buf = Vec::new();
+    for (id, label, kind, source) in sorted {
+        buf.extend_from_slice(&(id.len() as u32).to_le_bytes());
+        buf.extend_from_slice(id.as_bytes());
+        buf.extend_from_slice(&(label.len() as u32).to_le_bytes());
+        buf.extend_from_slice(label.as_bytes());
+        buf.push(kind);
+        buf.extend_from_slice(ring::digest::digest(&ring::digest::SHA256, &source).as_ref());
+    }
+    retail_agent::manifest::sha256_hex(&buf)
+}
+
+fn le(v: &[f32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+#[test]
+fn ops_apply_in_order_and_the_digest_follows_the_contract() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = RefDb::open(dir.path(), settings(3, FP, 0)).unwrap();
+    let meta = db
+        .apply(
+            vec![
+                emb("b", "banana", &[0.0, 1.0, 0.0]),
+                img("a", "apple", b"apple-jpeg", &[1.0, 0.0, 0.0]),
+                emb("c", "cherry", &[0.0, 0.0, 1.0]),
+                emb("c2", "cherry", &[0.0, 0.1, 1.0]),
+                RefOp::DeleteLabel("cherry".into()),
+                emb("c3", "cherry", &[0.0, 0.0, 2.0]),
+                RefOp::Delete("nope".into()),
+            ],
+            7,
+            Some("u-1"),
+        )
+        .unwrap();
+    assert_eq!((meta.version, meta.refs, meta.labels), (7, 3, 3));
+    let expected = contract_digest(&[
+        ("a", "apple", 1, b"apple-jpeg".to_vec()),
+        ("b", "banana", 2, le(&[0.0, 1.0, 0.0])),
+        ("c3", "cherry", 2, le(&[0.0, 0.0, 2.0])),
+    ]);
+    assert_eq!(meta.digest, expected);
+    assert!(db.was_applied("u-1").unwrap());
+    let r = db.snapshot().index.search(&[0.0, 0.0, 1.0], 5, 0.5);
+    assert_eq!(r.label.as_deref(), Some("cherry"));
+    assert_eq!(r.candidates[0].ref_id, "c3");
+}
+
+#[test]
+fn an_invalid_op_leaves_the_db_untouched() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = RefDb::open(dir.path(), settings(3, FP, 0)).unwrap();
+    let before = db
+        .apply(vec![emb("a", "apple", &[1.0, 0.0, 0.0])], 1, None)
+        .unwrap();
+    let err = db
+        .apply(
+            vec![RefOp::Clear, emb("b", "banana", &[0.0, 1.0])],
+            2,
+            Some("u-2"),
+        )
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            RefDbError::Dimension {
+                got: 2,
+                expected: 3,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    let other_model = RefOp::Upsert(NewRef::from_embedding(
+        "x".into(),
+        "x".into(),
+        vec![1.0; 3],
+        "ffffffffffffffff".into(),
+    ));
+    assert!(matches!(
+        db.apply(vec![other_model], 2, None),
+        Err(RefDbError::Fingerprint { .. })
+    ));
+    assert_eq!(db.meta(), before);
+    assert!(
+        !db.was_applied("u-2").unwrap(),
+        "a failed update does not burn its id"
+    );
+}
+
+#[test]
+fn content_survives_a_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let meta = {
+        let db = RefDb::open(dir.path(), settings(3, FP, 0)).unwrap();
+        db.apply(
+            vec![
+                emb("a", "apple", &[1.0, 0.0, 0.0]),
+                img("b", "banana", b"png", &[0.0, 1.0, 0.0]),
+            ],
+            4,
+            Some("u-4"),
+        )
+        .unwrap()
+    };
+    let db = RefDb::open(dir.path(), settings(3, FP, 0)).unwrap();
+    assert_eq!(db.meta(), meta);
+    assert!(db.was_applied("u-4").unwrap());
+    assert_eq!(db.image("b").unwrap().as_deref(), Some(&b"png"[..]));
+    let snap = db.snapshot();
+    assert_eq!(snap.entries["b"].kind, SourceKind::Image);
+    assert_eq!(
+        snap.index.search(&[0.0, 1.0, 0.0], 1, 0.0).label.as_deref(),
+        Some("banana")
+    );
+}
+
+#[test]
+fn references_from_another_model_are_kept_but_not_searched() {
+    let dir = tempfile::tempdir().unwrap();
+    let meta = {
+        let db = RefDb::open(dir.path(), settings(3, FP, 0)).unwrap();
+        db.apply(vec![img("a", "apple", b"jpeg", &[1.0, 0.0, 0.0])], 1, None)
+            .unwrap()
+    };
+    let db = RefDb::open(dir.path(), settings(3, "fedcba9876543210", 0)).unwrap();
+    let snap = db.snapshot();
+    assert_eq!(snap.meta.digest, meta.digest, "content is unchanged");
+    assert_eq!(snap.stale().count(), 1);
+    assert!(snap.index.is_empty());
+    let r = snap.index.search(&[1.0, 0.0, 0.0], 5, 0.0);
+    assert_eq!(
+        (r.similarity, r.distance, r.candidates.len()),
+        (-1.0, 2.0, 0)
+    );
+}
+
+#[test]
+fn a_clear_then_upserts_is_a_snapshot() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = RefDb::open(dir.path(), settings(2, FP, 2)).unwrap();
+    db.apply(vec![emb("old", "old", &[1.0, 0.0])], 1, None)
+        .unwrap();
+    let meta = db
+        .apply(
+            vec![
+                RefOp::Clear,
+                emb("n1", "new", &[0.0, 1.0]),
+                emb("n2", "new", &[0.1, 1.0]),
+                emb("n3", "new", &[0.9, 1.0]),
+            ],
+            2,
+            None,
+        )
+        .unwrap();
+    assert_eq!((meta.refs, meta.labels), (3, 1));
+    let snap = db.snapshot();
+    assert_eq!(
+        snap.index.searched_vectors(),
+        2,
+        "two prototypes for the label"
+    );
+    assert!(!snap.entries.contains_key("old"));
+}
