@@ -18,10 +18,9 @@ use crate::bus::protocol::{self, AgentState, ModelRef};
 use crate::bus::{self, EventLoopTask, PublisherTask, StatusSource, Topics};
 use crate::config::LoadedConfig;
 use crate::engine::Engine;
-use crate::manifest::ModelManifest;
 use crate::metrics::Metrics;
 use crate::pipeline::{Outbound, Pipeline, PipelineContext, ToBus};
-use crate::recognizer::{engine_options, open_refdb};
+use crate::recognizer::{open_refdb_reembedding, Recognizer};
 use crate::refdb::RefDb;
 use crate::vision::DecodeLimits;
 
@@ -53,10 +52,10 @@ impl Agent {
         let (engine, refdb) = {
             let cfg = cfg.clone();
             tokio::task::spawn_blocking(move || -> anyhow::Result<(Engine, RefDb)> {
-                let manifest = ModelManifest::load(&cfg.manifest_path())?;
-                let engine = Engine::load(manifest, &engine_options(&cfg))?;
-                let refdb = open_refdb(&cfg, &engine).context("opening the reference DB")?;
-                Ok((engine, refdb))
+                let mut recognizer = Recognizer::from_config(&cfg)?;
+                let refdb = open_refdb_reembedding(&cfg, &mut recognizer)
+                    .context("opening the reference DB")?;
+                Ok((recognizer.into_engine(), refdb))
             })
             .await
             .context("loading the model")??

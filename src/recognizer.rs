@@ -77,6 +77,29 @@ pub fn open_refdb(cfg: &LoadedConfig, engine: &Engine) -> Result<RefDb, RefDbErr
     )
 }
 
+/// Opens the reference DB and re-embeds the references that another model
+/// embedded (those whose image was kept), logging what stays unsearchable.
+pub fn open_refdb_reembedding(
+    cfg: &LoadedConfig,
+    recognizer: &mut Recognizer,
+) -> Result<RefDb, RefDbError> {
+    let db = open_refdb(cfg, recognizer.engine())?;
+    if db.snapshot().stale().next().is_some() {
+        let (done, left) = db.reembed_stale(|image| recognizer.embed_one(image))?;
+        tracing::info!(
+            reembedded = done,
+            "re-embedded references of another model with the running one"
+        );
+        if left > 0 {
+            tracing::warn!(
+                count = left,
+                "references of another model without a stored image are not searched; enrol them again"
+            );
+        }
+    }
+    Ok(db)
+}
+
 /// The DB settings for a model with embeddings of `dim`.
 pub fn refdb_settings(cfg: &LoadedConfig, manifest: &ModelManifest, dim: usize) -> RefDbSettings {
     RefDbSettings {
@@ -110,6 +133,20 @@ impl Recognizer {
 
     pub fn engine(&self) -> &Engine {
         &self.engine
+    }
+
+    /// Gives the engine back (e.g. to the daemon's inference thread).
+    pub fn into_engine(self) -> Engine {
+        self.engine
+    }
+
+    /// Embeds one encoded image; the error as text.
+    pub fn embed_one(&mut self, image: &[u8]) -> Result<Vec<f32>, String> {
+        match self.embed_encoded(&[image]).pop() {
+            Some(Ok(e)) => Ok(e.embedding),
+            Some(Err(e)) => Err(e.to_string()),
+            None => Err("no result".into()),
+        }
     }
 
     pub fn limits(&self) -> &DecodeLimits {

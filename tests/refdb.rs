@@ -203,3 +203,43 @@ fn a_clear_then_upserts_is_a_snapshot() {
     );
     assert!(!snap.entries.contains_key("old"));
 }
+
+#[test]
+fn references_with_a_stored_image_are_re_embedded_for_a_new_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let meta = {
+        let db = RefDb::open(dir.path(), settings(3, FP, 0)).unwrap();
+        db.apply(
+            vec![
+                img("a", "apple", b"apple-jpeg", &[1.0, 0.0, 0.0]),
+                emb("b", "banana", &[0.0, 1.0, 0.0]),
+            ],
+            5,
+            None,
+        )
+        .unwrap()
+    };
+    let new_model = "fedcba9876543210";
+    let db = RefDb::open(dir.path(), settings(3, new_model, 0)).unwrap();
+    assert_eq!(db.snapshot().stale().count(), 2);
+    let mut seen = Vec::new();
+    let (done, left) = db
+        .reembed_stale(|image| {
+            seen.push(image.to_vec());
+            Ok(vec![0.0, 0.0, 1.0])
+        })
+        .unwrap();
+    assert_eq!(
+        (done, left),
+        (1, 1),
+        "the embedding-only reference has no image"
+    );
+    assert_eq!(seen, vec![b"apple-jpeg".to_vec()]);
+    let snap = db.snapshot();
+    assert_eq!(snap.meta, meta, "same content, digest and version");
+    assert_eq!(snap.entries["a"].model_fingerprint, new_model);
+    assert_eq!(
+        snap.index.search(&[0.0, 0.0, 1.0], 1, 0.0).label.as_deref(),
+        Some("apple")
+    );
+}

@@ -26,19 +26,19 @@ pub fn run(cfg: &LoadedConfig, action: DbAction) -> anyhow::Result<()> {
             );
             Ok(())
         }
+        DbAction::Reembed => {
+            let mut recognizer = Recognizer::from_config(cfg)?;
+            let db = open_refdb(cfg, recognizer.engine())?;
+            let (done, left) = db.reembed_stale(|image| recognizer.embed_one(image))?;
+            println!("re-embedded {done} references with the running model; {left} cannot be (no stored image)");
+            Ok(())
+        }
         DbAction::Import { file } => {
             let data = export::read(&file)?;
             let mut recognizer = Recognizer::from_config(cfg)?;
             let db = open_refdb(cfg, recognizer.engine())?;
             let fingerprint = recognizer.engine().manifest().fingerprint().to_string();
-            let ops = data.into_ops(&fingerprint, |image| {
-                recognizer
-                    .embed_encoded(&[image])
-                    .pop()
-                    .ok_or_else(|| "no result".to_string())?
-                    .map(|e| e.embedding)
-                    .map_err(|e| e.to_string())
-            })?;
+            let ops = data.into_ops(&fingerprint, |image| recognizer.embed_one(image))?;
             let version = db.meta().version + 1;
             let meta = db.apply(ops, version, None)?;
             println!(

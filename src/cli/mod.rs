@@ -127,6 +127,9 @@ pub enum DbAction {
     },
     /// Write the whole DB to a portable file (format: retail-agent/refdb v1).
     Export { file: PathBuf },
+    /// Re-embed references made by another model from their stored images
+    /// (the daemon also does this at start-up).
+    Reembed,
     /// Replace the DB's content with an export file's (re-embedding images
     /// when the file came from another model).
     Import { file: PathBuf },

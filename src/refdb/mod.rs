@@ -275,6 +275,46 @@ impl RefDb {
         Ok(self.store.flush()?)
     }
 
+    /// Re-embeds, with `embed`, the references of another model that kept
+    /// their source image, so they are searched again; the content (and so
+    /// the digest and version) is unchanged. Returns how many were
+    /// re-embedded and how many stay unsearchable (no image, or `embed`
+    /// failed on it).
+    pub fn reembed_stale(
+        &self,
+        mut embed: impl FnMut(&[u8]) -> Result<Vec<f32>, String>,
+    ) -> Result<(usize, usize), RefDbError> {
+        let snapshot = self.snapshot();
+        let mut ops = Vec::new();
+        let mut left = 0;
+        for (ref_id, info) in snapshot.stale() {
+            let Some(image) = self.store.image(ref_id)? else {
+                left += 1;
+                continue;
+            };
+            match embed(&image) {
+                Ok(embedding) => ops.push(RefOp::Upsert(NewRef {
+                    ref_id: ref_id.clone(),
+                    label: info.label.clone(),
+                    kind: info.kind,
+                    source_sha256: info.source_sha256,
+                    embedding,
+                    model_fingerprint: self.settings.model_fingerprint.clone(),
+                    image: Some(image),
+                })),
+                Err(why) => {
+                    tracing::warn!(ref_id = %ref_id, "cannot re-embed reference: {why}");
+                    left += 1;
+                }
+            }
+        }
+        let done = ops.len();
+        if done > 0 {
+            self.apply(ops, snapshot.meta.version, None)?;
+        }
+        Ok((done, left))
+    }
+
     /// Checks an op against the running model without applying it.
     pub fn validate(&self, op: &RefOp) -> Result<(), RefDbError> {
         let check_id = |id: &str, what: &str| {
