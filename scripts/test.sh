@@ -9,4 +9,4 @@ ensure_onnxruntime
 ensure_mosquitto
 cargo fmt --all -- --check
 cargo clippy --all-targets --quiet -- -D warnings
-cargo test --all-targets
+cargo test

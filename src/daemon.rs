@@ -236,6 +236,8 @@ impl Agent {
             let _ = tokio::time::timeout(Duration::from_secs(5), done_rx).await;
         }
         let connected = *self.connected.borrow();
+        // Set first: the event loop watches for the offline Status's echo.
+        let _ = self.stopping.send(true);
         if connected {
             let payload = self.status.status_payload(AgentState::Offline);
             let _ = self
@@ -248,15 +250,24 @@ impl Agent {
                 )
                 .await;
         }
-        let _ = self.stopping.send(true);
-        if connected {
-            let _ = self.client.disconnect().await;
-        }
-        if tokio::time::timeout(Duration::from_secs(5), self.event_loop)
+        // The event loop disconnects once the broker has acknowledged the
+        // offline Status; if that does not happen in time, disconnect anyway.
+        let mut event_loop = self.event_loop;
+        if tokio::time::timeout(Duration::from_secs(5), &mut event_loop)
             .await
             .is_err()
         {
-            warn!("the broker connection did not close in time");
+            if connected {
+                warn!("the broker did not acknowledge the offline status in time");
+                let _ = self.client.try_disconnect();
+            }
+            if tokio::time::timeout(Duration::from_secs(2), &mut event_loop)
+                .await
+                .is_err()
+            {
+                warn!("the broker connection did not close in time");
+                event_loop.abort();
+            }
         }
         drop(self.out);
         self.publisher.abort();

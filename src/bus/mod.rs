@@ -213,6 +213,10 @@ impl EventLoopTask {
         self.eventloop.set_network_options(network);
         let mut backoff = self.reconnect_min;
         let mut saved: Vec<Request> = Vec::new();
+        // Shutdown: the broker has handled our offline Status (it came back
+        // on our own status topic), and DISCONNECT has been requested.
+        let mut offline_echoed = false;
+        let mut disconnecting = false;
         loop {
             match self.eventloop.poll().await {
                 Ok(Event::Incoming(Packet::ConnAck(ack))) => {
@@ -234,7 +238,12 @@ impl EventLoopTask {
                     self.publish_status();
                     let _ = self.connected.send(true);
                 }
-                Ok(Event::Incoming(Packet::Publish(p))) => self.on_publish(p),
+                Ok(Event::Incoming(Packet::Publish(p))) => {
+                    if *self.stopping.borrow() && p.topic == self.topics.status {
+                        offline_echoed |= self.is_own_offline(&p.payload);
+                    }
+                    self.on_publish(p);
+                }
                 Ok(Event::Outgoing(Outgoing::Disconnect)) => {
                     let _ = self.connected.send(false);
                     if *self.stopping.borrow() {
@@ -272,7 +281,29 @@ impl EventLoopTask {
                     backoff = (backoff * 2).min(self.reconnect_max);
                 }
             }
+            // Disconnect only once every QoS 1 publish, the offline Status
+            // included, is acknowledged: a broker that still has a PUBACK to
+            // write when the socket closes (Mosquitto 2.0 before 2.0.22)
+            // takes it for a lost connection and publishes the Last Will over
+            // the offline Status.
+            if offline_echoed && !disconnecting && self.eventloop.state.inflight() == 0 {
+                disconnecting = true;
+                if let Err(e) = self.client.try_disconnect() {
+                    warn!("cannot queue the disconnection: {e}");
+                }
+            }
         }
+    }
+
+    /// Whether a status message is our own offline Status (of this boot).
+    fn is_own_offline(&self, payload: &[u8]) -> bool {
+        let Ok(enc) = protocol::detect_encoding(payload) else {
+            return false;
+        };
+        protocol::decode::<StatusPeek>(payload, enc).is_ok_and(|peek| {
+            peek.state == AgentState::Offline
+                && peek.boot_id.as_deref() == Some(self.status.boot_id().as_str())
+        })
     }
 
     fn publish_status(&self) {

@@ -59,9 +59,11 @@ mod tests {
 
     #[test]
     fn topics_follow_the_contract() {
-        let mut cfg = AgentConfig::default();
-        cfg.device_id = "cam1".into();
-        cfg.fleet = "north".into();
+        let mut cfg = AgentConfig {
+            device_id: "cam1".into(),
+            fleet: "north".into(),
+            ..AgentConfig::default()
+        };
         cfg.bus.pool = Some("lane".into());
         let t = Topics::new(&cfg);
         assert_eq!(t.crops, "ror/cam1/crops");
