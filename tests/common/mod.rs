@@ -128,9 +128,13 @@ impl Mosquitto {
     }
 
     fn spawn(&mut self) {
+        // `user root`: as root, Mosquitto otherwise switches to the
+        // `mosquitto` user, which cannot write its log and persistence file
+        // (kept across `restart`) in this private temporary directory.
+        // Ignored when the tests do not run as root.
         let conf = self.dir.path().join("mosquitto.conf");
         let text = format!(
-            "listener {port} 127.0.0.1\nallow_anonymous true\nset_tcp_nodelay true\npersistence true\npersistence_location {dir}/\nautosave_interval 1\nmax_queued_messages 100000\nmax_inflight_messages 100\nmax_packet_size 20000000\nlog_dest file {dir}/mosquitto.log\n{extra}\n",
+            "listener {port} 127.0.0.1\nuser root\nallow_anonymous true\nset_tcp_nodelay true\npersistence true\npersistence_location {dir}/\nautosave_interval 1\nmax_queued_messages 100000\nmax_inflight_messages 100\nmax_packet_size 20000000\nlog_dest file {dir}/mosquitto.log\n{extra}\n",
             port = self.port,
             dir = self.dir.path().display(),
             extra = self.extra,
