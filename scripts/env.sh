@@ -17,7 +17,13 @@ apt_install() {
 }
 
 find_venv_ort() {
-    ls "$ROOT"/.venv/lib/python3*/site-packages/onnxruntime/capi/libonnxruntime.so* 2>/dev/null | head -n 1
+    local f
+    for f in "$ROOT"/.venv/lib/python3*/site-packages/onnxruntime/capi/libonnxruntime.so*; do
+        if [ -f "$f" ]; then
+            echo "$f"
+            return 0
+        fi
+    done
 }
 
 ensure_onnxruntime() {

@@ -28,7 +28,7 @@ use tracing::{debug, info, warn};
 
 use crate::config::{BusConfig, Encoding, LoadedConfig};
 use crate::metrics::Metrics;
-use crate::pipeline::{error_message, Incoming, Outbound, Pipeline, Pushed, ToBus};
+use crate::pipeline::{Incoming, Outbound, Pipeline, ToBus};
 use crate::refdb::RefDb;
 pub use acks::AckSequencer;
 use protocol::{AgentState, ModelRef, RefDbState, Status, StatusPeek, Will};
@@ -329,12 +329,8 @@ impl EventLoopTask {
                 received: Instant::now(),
                 ack,
             };
-            match self.pipeline.submit(msg) {
-                Pushed::Queued => {}
-                Pushed::DroppedOldest(dropped) | Pushed::Rejected(dropped) => {
-                    self.report_drop(dropped)
-                }
-            }
+            // Full queue: the pipeline counts, reports and releases the drop.
+            self.pipeline.submit(msg);
             return;
         }
         if topic == self.topics.status {
@@ -362,25 +358,6 @@ impl EventLoopTask {
                 self.publish_status();
             }
         }
-    }
-
-    fn report_drop(&self, dropped: Incoming) {
-        self.metrics.add_dropped(1);
-        let out = self.out.clone();
-        let topic = self.topics.errors.clone();
-        let default_encoding = self.status.encoding;
-        let policy_reason = "dropped: the ingest queue is full (pipeline.overflow)".to_string();
-        // Reading the request id means parsing the payload: not on the reactor.
-        tokio::task::spawn_blocking(move || {
-            let request_id = protocol::peek_request_id(&dropped.payload);
-            warn!(
-                request_id = request_id.as_deref().unwrap_or("-"),
-                "request dropped: ingest queue full"
-            );
-            let encoding = protocol::detect_encoding(&dropped.payload).unwrap_or(default_encoding);
-            let msg = error_message(&topic, encoding, request_id, policy_reason, dropped.ack);
-            let _ = out.blocking_send(ToBus::Send(msg));
-        });
     }
 }
 

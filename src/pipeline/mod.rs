@@ -177,6 +177,35 @@ pub struct Pipeline {
     queue: Arc<IngestQueue<Incoming>>,
     ctx: Arc<PipelineContext>,
     threads: Mutex<Vec<JoinHandle<()>>>,
+    /// Dropped messages on their way to the drop reporter.
+    drops: Mutex<Option<SyncSender<Incoming>>>,
+    unreported_drops: std::sync::atomic::AtomicU64,
+}
+
+/// Messages the drop reporter may have waiting; beyond it drops are still
+/// counted but only logged in aggregate (only QoS 0 floods get there: the
+/// broker's in-flight window bounds the QoS 1 messages a client holds).
+const DROP_REPORT_BACKLOG: usize = 1024;
+
+/// Reports each dropped message on the errors topic (reading its
+/// request_id means parsing it, kept off the bus's reactor thread) and
+/// releases its acknowledgement.
+fn drop_reporter(ctx: &PipelineContext, rx: Receiver<Incoming>) {
+    while let Ok(dropped) = rx.recv() {
+        let request_id = protocol::peek_request_id(&dropped.payload);
+        warn!(
+            request_id = request_id.as_deref().unwrap_or("-"),
+            "request dropped: ingest queue full"
+        );
+        let encoding = protocol::detect_encoding(&dropped.payload).unwrap_or(ctx.default_encoding);
+        ctx.send(error_message(
+            &ctx.errors_topic,
+            encoding,
+            request_id,
+            "dropped: the ingest queue is full (pipeline.overflow)".into(),
+            dropped.ack,
+        ));
+    }
 }
 
 impl Pipeline {
@@ -218,6 +247,13 @@ impl Pipeline {
             );
         }
         drop(tx);
+        let (drops_tx, drops_rx) = mpsc::sync_channel::<Incoming>(DROP_REPORT_BACKLOG);
+        let reporter_ctx = ctx.clone();
+        threads.push(
+            std::thread::Builder::new()
+                .name("drop-reporter".into())
+                .spawn(move || drop_reporter(&reporter_ctx, drops_rx))?,
+        );
         let max_delay = Duration::from_millis(cfg.max_delay_ms);
         let (ctx2, pool2) = (ctx.clone(), pool.clone());
         threads.push(
@@ -229,15 +265,40 @@ impl Pipeline {
             queue,
             ctx,
             threads: Mutex::new(threads),
+            drops: Mutex::new(Some(drops_tx)),
+            unreported_drops: std::sync::atomic::AtomicU64::new(0),
         })
     }
 
-    /// Queues a message without blocking; the overflow policy decides what
-    /// happens when the queue is full. A dropped message is returned.
-    pub fn submit(&self, msg: Incoming) -> Pushed<Incoming> {
-        let pushed = self.queue.push(msg);
+    /// Queues a message without blocking; when the queue is full the
+    /// overflow policy picks the message to drop, which is counted and
+    /// reported on the errors topic. Returns whether `msg` was queued.
+    pub fn submit(&self, msg: Incoming) -> bool {
+        let (queued, dropped) = match self.queue.push(msg) {
+            Pushed::Queued => (true, None),
+            Pushed::DroppedOldest(old) => (true, Some(old)),
+            Pushed::Rejected(new) => (false, Some(new)),
+        };
         self.ctx.metrics.set_queue_depth(self.queue.len());
-        pushed
+        if let Some(dropped) = dropped {
+            self.ctx.metrics.add_dropped(1);
+            let guard = self.drops.lock().unwrap_or_else(|p| p.into_inner());
+            let reported = guard
+                .as_ref()
+                .is_some_and(|tx| tx.try_send(dropped).is_ok());
+            if !reported {
+                let n = self
+                    .unreported_drops
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if n % 1000 == 0 {
+                    warn!(
+                        unreported = n + 1,
+                        "drop reports are backlogged; drops are counted in metrics only"
+                    );
+                }
+            }
+        }
+        queued
     }
 
     pub fn queue_depth(&self) -> usize {
@@ -254,6 +315,7 @@ impl Pipeline {
     /// Blocks until the threads have exited.
     pub fn shutdown(&self) -> Vec<Incoming> {
         let left = self.queue.close();
+        drop(self.drops.lock().unwrap_or_else(|p| p.into_inner()).take());
         let threads = std::mem::take(&mut *self.threads.lock().unwrap_or_else(|p| p.into_inner()));
         for t in threads {
             let _ = t.join();
