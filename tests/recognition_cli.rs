@@ -293,3 +293,52 @@ fn check_config_prints_the_effective_config_with_secrets_masked() {
     assert!(!out.status.success());
     assert!(stderr(&out).contains("hots"));
 }
+
+#[test]
+fn unusable_execution_providers_are_logged_and_the_next_one_is_used() {
+    let home = AgentHome::new("", "");
+    home.enroll_synthetic();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_retail-agent"))
+        .args(["recognize", &query(), "-c"])
+        .arg(&home.config_path)
+        .env(
+            "RETAIL_AGENT__RUNTIME__EXECUTION_PROVIDERS",
+            "[\"tensorrt\", \"cuda\", \"cpu\"]",
+        )
+        .env("RUST_LOG", "info")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let err = stderr(&out);
+    for ep in ["tensorrt", "cuda"] {
+        assert!(
+            err.lines()
+                .any(|l| l.contains("execution provider unusable") && l.contains(ep)),
+            "the {ep} failure is logged: {err}"
+        );
+    }
+    assert!(
+        err.contains("model loaded") && err.contains("\"cpu\""),
+        "{err}"
+    );
+    assert!(stdout(&out).contains("acme-cola-330ml"));
+}
+
+#[test]
+fn no_usable_execution_provider_is_an_error_that_says_what_to_add() {
+    let home = AgentHome::new("", "");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_retail-agent"))
+        .args(["recognize", &query(), "-c"])
+        .arg(&home.config_path)
+        .env("RETAIL_AGENT__RUNTIME__EXECUTION_PROVIDERS", "[\"cuda\"]")
+        .env("RUST_LOG", "error")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(
+        err.contains("no execution provider could be used (cuda:"),
+        "{err}"
+    );
+    assert!(err.contains("add \"cpu\""), "{err}");
+}
