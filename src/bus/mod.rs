@@ -47,7 +47,6 @@ pub struct StatusSource {
 }
 
 impl StatusSource {
-    #[allow(clippy::too_many_arguments)]
     pub fn new(
         device_id: String,
         fleet: String,
