@@ -65,70 +65,6 @@ fn mp_request(id: &str, qs: &[(String, Vec<u8>)], labels: &[usize]) -> Vec<u8> {
     ]))
 }
 
-/// A client with a persistent session (clean session off), so QoS 1
-/// results published while it is disconnected are kept for it and its own
-/// unacknowledged publishes are sent again.
-struct SessionClient {
-    client: rumqttc::AsyncClient,
-    rx: tokio::sync::mpsc::UnboundedReceiver<(String, Vec<u8>)>,
-}
-
-impl SessionClient {
-    async fn connect(port: u16, id: &str, subscriptions: &[&str]) -> Self {
-        let mut opts = rumqttc::MqttOptions::new(id, "127.0.0.1", port);
-        opts.set_max_packet_size(20 << 20, 20 << 20);
-        opts.set_keep_alive(Duration::from_secs(30));
-        opts.set_clean_session(false);
-        let (client, mut events) = rumqttc::AsyncClient::new(opts, 1024);
-        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
-        let mut ready_tx = Some(ready_tx);
-        let subs: Vec<String> = subscriptions.iter().map(|s| s.to_string()).collect();
-        let sub_client = client.clone();
-        tokio::spawn(async move {
-            loop {
-                match events.poll().await {
-                    Ok(rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(_))) => {
-                        for s in &subs {
-                            let _ = sub_client.try_subscribe(s.clone(), rumqttc::QoS::AtLeastOnce);
-                        }
-                    }
-                    Ok(rumqttc::Event::Incoming(rumqttc::Packet::SubAck(_))) => {
-                        if let Some(t) = ready_tx.take() {
-                            let _ = t.send(());
-                        }
-                    }
-                    Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(p))) => {
-                        let _ = tx.send((p.topic.clone(), p.payload.to_vec()));
-                    }
-                    Ok(_) => {}
-                    Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
-                }
-            }
-        });
-        tokio::time::timeout(Duration::from_secs(10), ready_rx)
-            .await
-            .expect("subscribed")
-            .unwrap();
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        Self { client, rx }
-    }
-
-    async fn publish(&self, topic: &str, payload: Vec<u8>) {
-        self.client
-            .publish(topic, rumqttc::QoS::AtLeastOnce, false, payload)
-            .await
-            .expect("publish");
-    }
-
-    async fn next(&mut self, timeout: Duration) -> Option<(String, Vec<u8>)> {
-        tokio::time::timeout(timeout, self.rx.recv())
-            .await
-            .ok()
-            .flatten()
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_contract_only_client_gets_schema_exact_results_in_both_encodings() {
     let qs = one_query_per_label(&queries());
@@ -230,20 +166,24 @@ async fn every_qos1_request_is_answered_across_a_broker_restart() {
     let h = home("mq-restart", broker.port, "", "");
     let agent = start(&h).await;
     let (crops, results) = (topic("mq-restart", "crops"), topic("mq-restart", "results"));
-    let mut c = SessionClient::connect(broker.port, "restart-checkout", &[&results]).await;
+    // A persistent session: QoS 1 results published while the client is
+    // disconnected are kept for it, and its unacknowledged publishes resent.
+    let mut c = TestClient::connect_persistent(broker.port, "restart-checkout", &[&results]).await;
 
     const N: usize = 40;
     let ids: Vec<String> = (0..N).map(|i| format!("restart-{i:02}")).collect();
     let labels_of = |i: usize| -> Vec<usize> { vec![i % LABELS, (i * 5 + 1) % LABELS] };
     // The first half at once, so the agent has a backlog when the broker goes.
     for (i, id) in ids.iter().enumerate().take(N / 2) {
-        c.publish(&crops, mp_request(id, &qs, &labels_of(i))).await;
+        c.publish(&crops, 1, mp_request(id, &qs, &labels_of(i)))
+            .await;
     }
     tokio::time::sleep(Duration::from_millis(50)).await;
     tokio::task::block_in_place(|| broker.restart());
     let restarted = Instant::now();
     for (i, id) in ids.iter().enumerate().skip(N / 2) {
-        c.publish(&crops, mp_request(id, &qs, &labels_of(i))).await;
+        c.publish(&crops, 1, mp_request(id, &qs, &labels_of(i)))
+            .await;
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 
@@ -251,7 +191,7 @@ async fn every_qos1_request_is_answered_across_a_broker_restart() {
     let deadline = Instant::now() + Duration::from_secs(45);
     while answers.len() < N {
         let left = deadline.saturating_duration_since(Instant::now());
-        let Some((t, p)) = c.next(left).await else {
+        let Some((t, p, _)) = c.next(left).await else {
             let missing: Vec<_> = ids.iter().filter(|i| !answers.contains_key(*i)).collect();
             panic!(
                 "{} of {N} requests answered; missing {missing:?}; agent connected: {}; broker log:\n{}",

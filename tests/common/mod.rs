@@ -208,9 +208,24 @@ pub struct TestClient {
 
 impl TestClient {
     pub async fn connect(port: u16, id: &str, subscriptions: &[&str]) -> Self {
+        Self::connect_with(port, id, subscriptions, true).await
+    }
+
+    /// A client with a persistent session (clean session off).
+    pub async fn connect_persistent(port: u16, id: &str, subscriptions: &[&str]) -> Self {
+        Self::connect_with(port, id, subscriptions, false).await
+    }
+
+    async fn connect_with(
+        port: u16,
+        id: &str,
+        subscriptions: &[&str],
+        clean_session: bool,
+    ) -> Self {
         let mut opts = rumqttc::MqttOptions::new(id, "127.0.0.1", port);
         opts.set_max_packet_size(20 << 20, 20 << 20);
         opts.set_keep_alive(Duration::from_secs(30));
+        opts.set_clean_session(clean_session);
         let (client, mut events) = rumqttc::AsyncClient::new(opts, 1024);
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
