@@ -124,7 +124,10 @@ fn default_resize_reproduces_pillows_antialiased_bilinear_on_crops_of_many_sizes
             .filter(|(a, b)| a.iter().zip(b.iter()).all(|(x, y)| x.abs_diff(*y) <= 1))
             .count();
         let share = close as f64 / (224.0 * 224.0);
-        eprintln!("{}: {:.4} of pixels within one grey level", case.expected, share);
+        eprintln!(
+            "{}: {:.4} of pixels within one grey level",
+            case.expected, share
+        );
         assert!(
             share >= 0.99,
             "{} ({}x{}, {}): only {:.4} of pixels within one grey level",
