@@ -311,10 +311,10 @@ pub fn render_html(r: &Report) -> String {
     if let Some(a) = r.classifier_accuracy {
         let _ = write!(
             svg,
-            r##"<line x1="{pad}" x2="{}" y1="{y}" y2="{y}" stroke="#d1242f" stroke-dasharray="6 4"/><text x="{}" y="{}" font-size="11" fill="#d1242f" text-anchor="end">classifier {a:.3}</text>"##,
+            r##"<line x1="{pad}" x2="{}" y1="{y}" y2="{y}" stroke="#d1242f" stroke-dasharray="6 4"/><text x="{}" y="{}" font-size="11" fill="#d1242f" text-anchor="start">classifier head {a:.3}</text>"##,
             w - pad,
-            w - pad,
-            y(a) - 5.0,
+            pad + 6.0,
+            y(a) + 14.0,
             y = y(a)
         );
     }

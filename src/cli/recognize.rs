@@ -17,7 +17,11 @@ pub fn run(
     let mut recognizer = Recognizer::from_config(cfg)?;
     let db = open_refdb(cfg, recognizer.engine())?;
     let snapshot = db.snapshot();
-    if snapshot.index.is_empty() {
+    let stale = snapshot.stale().count();
+    if stale > 0 {
+        eprintln!("warning: {stale} references were embedded by another model and are not searched (run `retail-agent db reembed`)");
+    }
+    if snapshot.index.is_empty() && stale == 0 {
         eprintln!("warning: the reference DB is empty; every image will be \"unknown\" (run `retail-agent enroll` first)");
     }
     let top_k = top_k.unwrap_or(cfg.config.recognition.top_k).clamp(1, 20);

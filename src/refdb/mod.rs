@@ -206,7 +206,7 @@ impl RefDb {
                     ref_id = %r.ref_id,
                     dim = r.embedding.len(),
                     model = %r.model_fingerprint,
-                    "reference was embedded by another model; it is not searched until re-embedded"
+                    "reference was embedded by another model; it is not searched until re-embedded (`retail-agent db reembed`; the daemon does it at start-up)"
                 );
             }
             work.insert(
