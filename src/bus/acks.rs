@@ -11,7 +11,7 @@
 use std::collections::VecDeque;
 use std::sync::Mutex;
 
-use rumqttc::{AsyncClient, Publish, QoS};
+use rumqttc::{AsyncClient, Publish};
 
 use crate::pipeline::AckToken;
 
@@ -55,9 +55,10 @@ impl AckSequencer {
         token
     }
 
-    /// Marks `token` answered and sends every acknowledgement now due, in
-    /// arrival order. Tokens of an earlier connection are ignored.
-    pub fn done(&self, token: AckToken, client: &AsyncClient) {
+    /// Marks `token` answered and hands every acknowledgement now due to
+    /// `send`, in arrival order (under the lock, so two callers cannot
+    /// interleave). Tokens of an earlier connection are ignored.
+    pub fn done(&self, token: AckToken, mut send: impl FnMut(AckToken)) {
         let mut s = self.lock();
         if token.generation != s.generation || token.seq < s.first_seq {
             return;
@@ -69,15 +70,7 @@ impl AckSequencer {
         while s.pending.front().is_some_and(|e| e.done) {
             if let Some(e) = s.pending.pop_front() {
                 s.first_seq += 1;
-                let mut p = Publish::new("", qos(e.token.qos), Vec::<u8>::new());
-                p.pkid = e.token.pkid;
-                // Sent under the lock so acknowledgements keep their order.
-                if let Err(err) = client.try_ack(&p) {
-                    tracing::warn!(
-                        pkid = e.token.pkid,
-                        "cannot queue an acknowledgement: {err}"
-                    );
-                }
+                send(e.token);
             }
         }
     }
@@ -89,17 +82,49 @@ impl AckSequencer {
         s.first_seq = s.next_seq;
         s.pending.clear();
     }
+}
 
-    /// Acknowledgements waiting for an earlier message's answer.
-    pub fn waiting(&self) -> usize {
-        self.lock().pending.len()
+/// Queues the PUBACK (or PUBREC) of `token` on the MQTT client.
+pub fn send_ack(client: &AsyncClient, token: AckToken) {
+    let mut p = Publish::new("", super::qos(token.qos), Vec::<u8>::new());
+    p.pkid = token.pkid;
+    if let Err(err) = client.try_ack(&p) {
+        tracing::warn!(pkid = token.pkid, "cannot queue an acknowledgement: {err}");
     }
 }
 
-fn qos(q: u8) -> QoS {
-    match q {
-        0 => QoS::AtMostOnce,
-        1 => QoS::AtLeastOnce,
-        _ => QoS::ExactlyOnce,
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn drain(seq: &AckSequencer, token: AckToken) -> Vec<u16> {
+        let mut sent = Vec::new();
+        seq.done(token, |t| sent.push(t.pkid));
+        sent
+    }
+
+    #[test]
+    fn acknowledgements_leave_in_arrival_order_whatever_order_answers_come_in() {
+        let seq = AckSequencer::default();
+        let (a, b, c) = (
+            seq.register(10, 1),
+            seq.register(11, 1),
+            seq.register(12, 1),
+        );
+        assert!(drain(&seq, c).is_empty(), "12 waits for 10 and 11");
+        assert!(drain(&seq, b).is_empty());
+        assert_eq!(drain(&seq, a), vec![10, 11, 12]);
+        let d = seq.register(13, 1);
+        assert_eq!(drain(&seq, d), vec![13]);
+    }
+
+    #[test]
+    fn tokens_of_a_previous_connection_are_ignored() {
+        let seq = AckSequencer::default();
+        let old = seq.register(1, 1);
+        seq.reset();
+        let new = seq.register(1, 1);
+        assert!(drain(&seq, old).is_empty());
+        assert_eq!(drain(&seq, new), vec![1]);
     }
 }

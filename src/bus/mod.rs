@@ -337,7 +337,7 @@ impl EventLoopTask {
         }
         if p.qos != QoS::AtMostOnce {
             let token = self.acks.register(p.pkid, p.qos as u8);
-            self.acks.done(token, &self.client);
+            self.acks.done(token, |t| acks::send_ack(&self.client, t));
         }
     }
 
@@ -439,7 +439,7 @@ impl PublisherTask {
             return;
         }
         if let Some(ack) = m.ack {
-            self.acks.done(ack, &self.client);
+            self.acks.done(ack, |t| acks::send_ack(&self.client, t));
         }
     }
 }

@@ -133,10 +133,6 @@ impl Index {
         self.rows.is_empty()
     }
 
-    pub fn label_count(&self) -> usize {
-        self.labels.len()
-    }
-
     pub fn labels(&self) -> &[String] {
         &self.labels
     }

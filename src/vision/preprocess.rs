@@ -27,11 +27,6 @@ impl InputGeometry {
     pub fn rgb_len(&self) -> usize {
         self.width as usize * self.height as usize * 3
     }
-
-    /// f32 values of one image in the NCHW tensor.
-    pub fn tensor_len(&self) -> usize {
-        self.rgb_len()
-    }
 }
 
 /// Resizes crops to the model's input size. Holds the resizer's scratch
@@ -124,7 +119,7 @@ impl Preprocessor {
     }
 
     /// Writes the normalised NCHW planes of a resized RGB8 image into `dst`
-    /// ([`InputGeometry::tensor_len`] values).
+    /// (3 planes of width x height values).
     pub fn normalize_into(&self, rgb: &[u8], dst: &mut [f32]) {
         self.normalizer.apply(rgb, dst);
     }
