@@ -160,6 +160,53 @@ async fn a_contract_only_client_gets_schema_exact_results_in_both_encodings() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn results_in_flight_when_the_broker_loses_our_session_are_sent_again() {
+    // rumqttc forgets unacknowledged publishes when it reconnects to a broker
+    // that has no session for it; the agent must send them again itself.
+    let qs = one_query_per_label(&queries());
+    let mut broker = mosquitto("log_type all\n");
+    // A single crop waits max_delay_ms for its batch: time to freeze the broker.
+    let h = home(
+        "mq-lost",
+        broker.port,
+        "",
+        "[pipeline]\nmax_batch = 8\nmax_delay_ms = 700\n",
+    );
+    let agent = start(&h).await;
+    let c = TestClient::connect(broker.port, "lost-checkout", &[]).await;
+    c.publish(
+        &topic("mq-lost", "crops"),
+        1,
+        mp_request("lost-1", &qs, &[3]),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    // Frozen: the agent publishes its result into a connection that never
+    // acknowledges it. Then the broker dies and comes back with no session.
+    broker.freeze();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    tokio::task::block_in_place(|| broker.restart_losing_sessions());
+    let results = topic("mq-lost", "results");
+    let needle = "Received PUBLISH from retail-agent-mq-lost";
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let log = broker.log();
+        if log
+            .lines()
+            .any(|l| l.contains(needle) && l.contains(&format!("'{results}'")))
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the in-flight result never reached the new broker; its log:\n{log}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    agent.stop().await.expect("clean stop");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_qos1_request_is_answered_across_a_broker_restart() {
     let qs = one_query_per_label(&queries());
     let mut broker = mosquitto("");

@@ -170,6 +170,29 @@ impl Mosquitto {
         self.spawn();
     }
 
+    /// Freezes the broker (SIGSTOP): connections stay open, nothing is
+    /// answered.
+    pub fn freeze(&self) {
+        if let Some(c) = &self.child {
+            let _ = Command::new("kill")
+                .arg("-STOP")
+                .arg(c.id().to_string())
+                .status();
+        }
+    }
+
+    /// Kills the broker without letting it save anything and starts a new
+    /// one on the same port that knows no session; its log starts empty.
+    pub fn restart_losing_sessions(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = std::fs::remove_file(self.dir.path().join("mosquitto.db"));
+        let _ = std::fs::remove_file(self.dir.path().join("mosquitto.log"));
+        self.spawn();
+    }
+
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("mosquitto.log")).unwrap_or_default()
     }
