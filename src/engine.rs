@@ -422,34 +422,10 @@ fn open_session(
 ) -> Result<Session, OpenError> {
     let rt = &options.runtime;
     let input = &manifest.file.input;
-    let (dispatch, available) = match kind {
-        ExecutionProviderKind::Tensorrt => {
-            let cache = options.engine_cache_dir.join(manifest.fingerprint());
-            if let Err(e) = std::fs::create_dir_all(&cache) {
-                return Err(OpenError::Provider(format!(
-                    "cannot create the engine cache directory {}: {e}",
-                    cache.display()
-                )));
-            }
-            let cache = cache.display().to_string();
-            let shape = |b: usize| format!("{}:{b}x3x{}x{}", input.name, input.height, input.width);
-            let ep = ep::TensorRT::default()
-                .with_device_id(rt.device_index)
-                .with_fp16(rt.tensorrt_fp16)
-                .with_engine_cache(true)
-                .with_engine_cache_path(&cache)
-                .with_timing_cache(true)
-                .with_timing_cache_path(&cache)
-                .with_profile_min_shapes(shape(1))
-                .with_profile_opt_shapes(shape(manifest.file.max_batch))
-                .with_profile_max_shapes(shape(manifest.file.max_batch));
-            (ep.build().error_on_failure(), ep::TensorRT::is_available())
-        }
-        ExecutionProviderKind::Cuda => {
-            let ep = ep::CUDA::default().with_device_id(rt.device_index);
-            (ep.build().error_on_failure(), ep::CUDA::is_available())
-        }
-        ExecutionProviderKind::Cpu => (ep::CPU::default().build().error_on_failure(), Ok(true)),
+    let available = match kind {
+        ExecutionProviderKind::Tensorrt => ep::TensorRT::is_available(),
+        ExecutionProviderKind::Cuda => ep::CUDA::is_available(),
+        ExecutionProviderKind::Cpu => Ok(true),
     };
     match available {
         Ok(true) => {}
@@ -460,6 +436,33 @@ fn open_session(
         }
         Err(e) => return Err(OpenError::Provider(e.to_string())),
     }
+    let dispatch = match kind {
+        ExecutionProviderKind::Tensorrt => {
+            let cache = options.engine_cache_dir.join(manifest.fingerprint());
+            if let Err(e) = std::fs::create_dir_all(&cache) {
+                return Err(OpenError::Provider(format!(
+                    "cannot create the engine cache directory {}: {e}",
+                    cache.display()
+                )));
+            }
+            let cache = cache.display().to_string();
+            let shape = |b: usize| format!("{}:{b}x3x{}x{}", input.name, input.height, input.width);
+            ep::TensorRT::default()
+                .with_device_id(rt.device_index)
+                .with_fp16(rt.tensorrt_fp16)
+                .with_engine_cache(true)
+                .with_engine_cache_path(&cache)
+                .with_timing_cache(true)
+                .with_timing_cache_path(&cache)
+                .with_profile_min_shapes(shape(1))
+                .with_profile_opt_shapes(shape(manifest.file.max_batch))
+                .with_profile_max_shapes(shape(manifest.file.max_batch))
+                .build()
+        }
+        ExecutionProviderKind::Cuda => ep::CUDA::default().with_device_id(rt.device_index).build(),
+        ExecutionProviderKind::Cpu => ep::CPU::default().build(),
+    }
+    .error_on_failure();
     let mut builder = Session::builder(env)
         .map_err(|e| OpenError::Provider(e.to_string()))?
         .with_no_environment_execution_providers()
