@@ -13,7 +13,6 @@ use retail_agent::engine::{Engine, EngineOutput};
 use retail_agent::metrics::Metrics;
 use retail_agent::pipeline::{Incoming, Pipeline, PipelineContext, ToBus};
 use retail_agent::recognizer::{engine_options, open_refdb, Recognizer};
-use retail_agent::refdb::{NewRef, RefOp};
 use retail_agent::vision::decode::{decode_image, DecodeLimits};
 use retail_agent::vision::preprocess::Preprocessor;
 
@@ -84,23 +83,7 @@ fn main() {
     let refdb = {
         let mut rec = Recognizer::new(load_engine(&cfg), limits);
         let db = open_refdb(&cfg, rec.engine()).unwrap();
-        let fp = rec.engine().manifest().fingerprint().to_string();
-        let refs = retail_agent::demo::DEMO_REFS;
-        let images: Vec<&[u8]> = refs.iter().map(|(_, _, b)| *b).collect();
-        let ops = refs
-            .iter()
-            .zip(rec.embed_encoded(&images))
-            .map(|((l, f, b), e)| {
-                RefOp::Upsert(NewRef::from_image(
-                    format!("{l}/{f}"),
-                    l.to_string(),
-                    b.to_vec(),
-                    e.unwrap().embedding,
-                    &fp,
-                ))
-            })
-            .collect();
-        db.apply(ops, 1, None).unwrap();
+        retail_agent::demo::enroll_demo_refs(&mut rec, &db).unwrap();
         Arc::new(db)
     };
     let rt = tokio::runtime::Runtime::new().unwrap();

@@ -22,7 +22,7 @@ use crate::bus::protocol::{self, ErrorReport, ItemDecision, RecognitionResult};
 use crate::config::{Encoding, LoadedConfig};
 use crate::daemon::Agent;
 use crate::recognizer::{open_refdb, Recognizer};
-use crate::refdb::{NewRef, RefOp};
+use crate::refdb::{DbMeta, NewRef, RefDb, RefOp};
 
 include!(concat!(env!("OUT_DIR"), "/demo_assets.rs"));
 
@@ -40,6 +40,24 @@ pub fn write_test_model(dir: &Path) -> anyhow::Result<std::path::PathBuf> {
     let manifest = dir.join("retail-test.toml");
     std::fs::write(&manifest, TEST_MODEL_MANIFEST)?;
     Ok(manifest)
+}
+
+/// Replaces `db`'s content with the embedded synthetic references.
+pub fn enroll_demo_refs(recognizer: &mut Recognizer, db: &RefDb) -> anyhow::Result<DbMeta> {
+    let fp = recognizer.engine().manifest().fingerprint().to_string();
+    let images: Vec<&[u8]> = DEMO_REFS.iter().map(|(_, _, b)| *b).collect();
+    let mut ops = vec![RefOp::Clear];
+    for ((label, file, bytes), e) in DEMO_REFS.iter().zip(recognizer.embed_encoded(&images)) {
+        let e = e.with_context(|| format!("embedding {label}/{file}"))?;
+        ops.push(RefOp::Upsert(NewRef::from_image(
+            format!("{label}/{file}"),
+            label.to_string(),
+            bytes.to_vec(),
+            e.embedding,
+            &fp,
+        )));
+    }
+    Ok(db.apply(ops, db.meta().version + 1, None)?)
 }
 
 /// A free TCP port on the loopback interface.
@@ -102,10 +120,6 @@ fn jpeg(img: &RgbImage) -> Vec<u8> {
     out
 }
 
-fn encode_value(v: &serde_json::Value, enc: Encoding) -> Vec<u8> {
-    protocol::encode(v, enc)
-}
-
 /// Binary field: a base64 string in JSON; in MessagePack a `bin`, which a
 /// serde_json Value cannot express, so MessagePack samples use `Bin`.
 fn bin(bytes: &[u8], enc: Encoding) -> serde_json::Value {
@@ -158,7 +172,7 @@ fn request(id: &str, enc: Encoding, body: serde_json::Value, truth: Vec<Option<S
     let mut body = body;
     body["request_id"] = json!(id);
     let payload = match enc {
-        Encoding::Json => encode_value(&body, enc),
+        Encoding::Json => protocol::encode(&body, enc),
         Encoding::Msgpack => to_msgpack(&body),
     };
     Sample {
@@ -267,21 +281,7 @@ pub async fn run(verbose: bool) -> anyhow::Result<()> {
         tokio::task::spawn_blocking(move || -> anyhow::Result<(u64, u64)> {
             let mut recognizer = Recognizer::from_config(&cfg)?;
             let db = open_refdb(&cfg, recognizer.engine())?;
-            let fp = recognizer.engine().manifest().fingerprint().to_string();
-            let images: Vec<&[u8]> = DEMO_REFS.iter().map(|(_, _, b)| *b).collect();
-            let mut ops = vec![RefOp::Clear];
-            for ((label, file, bytes), e) in DEMO_REFS.iter().zip(recognizer.embed_encoded(&images))
-            {
-                let e = e.with_context(|| format!("embedding {label}/{file}"))?;
-                ops.push(RefOp::Upsert(NewRef::from_image(
-                    format!("{label}/{file}"),
-                    label.to_string(),
-                    bytes.to_vec(),
-                    e.embedding,
-                    &fp,
-                )));
-            }
-            let meta = db.apply(ops, 1, None)?;
+            let meta = enroll_demo_refs(&mut recognizer, &db)?;
             Ok((meta.refs, meta.labels))
         })
         .await??

@@ -140,13 +140,18 @@ impl Recognizer {
         self.engine
     }
 
-    /// Embeds one encoded image; the error as text.
+    /// Decodes and embeds one encoded image.
+    pub fn embed_single(&mut self, image: &[u8]) -> Result<Embedded, RecognizerError> {
+        self.embed_encoded(&[image])
+            .pop()
+            .unwrap_or_else(|| Err(EngineError::Run("no result".into()).into()))
+    }
+
+    /// Embeds one encoded image; the embedding only, the error as text.
     pub fn embed_one(&mut self, image: &[u8]) -> Result<Vec<f32>, String> {
-        match self.embed_encoded(&[image]).pop() {
-            Some(Ok(e)) => Ok(e.embedding),
-            Some(Err(e)) => Err(e.to_string()),
-            None => Err("no result".into()),
-        }
+        self.embed_single(image)
+            .map(|e| e.embedding)
+            .map_err(|e| e.to_string())
     }
 
     pub fn limits(&self) -> &DecodeLimits {

@@ -238,10 +238,8 @@ impl EventLoopTask {
                     let _ = self.connected.send(true);
                 }
                 Ok(Event::Incoming(Packet::Publish(p))) => {
-                    if *self.stopping.borrow() && p.topic == self.topics.status {
-                        offline_echoed |= self.is_own_offline(&p.payload);
-                    }
-                    self.on_publish(p);
+                    let own_offline = self.on_publish(p);
+                    offline_echoed |= own_offline && *self.stopping.borrow();
                 }
                 Ok(Event::Outgoing(Outgoing::Disconnect)) => {
                     let _ = self.connected.send(false);
@@ -294,17 +292,6 @@ impl EventLoopTask {
         }
     }
 
-    /// Whether a status message is our own offline Status (of this boot).
-    fn is_own_offline(&self, payload: &[u8]) -> bool {
-        let Ok(enc) = protocol::detect_encoding(payload) else {
-            return false;
-        };
-        protocol::decode::<StatusPeek>(payload, enc).is_ok_and(|peek| {
-            peek.state == AgentState::Offline
-                && peek.boot_id.as_deref() == Some(self.status.boot_id().as_str())
-        })
-    }
-
     fn publish_status(&self) {
         let payload = self.status.status_payload(AgentState::Online);
         if let Err(e) =
@@ -315,12 +302,14 @@ impl EventLoopTask {
         }
     }
 
-    fn on_publish(&mut self, p: Publish) {
+    /// Routes an incoming message; true when it was our own offline Status
+    /// (of this boot) coming back.
+    fn on_publish(&mut self, p: Publish) -> bool {
         let topic = p.topic.clone();
         if self.topics.is_crops(&topic) {
             if !self.accepting.load(Ordering::Acquire) {
                 // Shutting down: leave it unacknowledged for redelivery.
-                return;
+                return false;
             }
             let ack = (p.qos != QoS::AtMostOnce).then(|| self.acks.register(p.pkid, p.qos as u8));
             let msg = Incoming {
@@ -330,33 +319,35 @@ impl EventLoopTask {
             };
             // Full queue: the pipeline counts, reports and releases the drop.
             self.pipeline.submit(msg);
-            return;
+            return false;
         }
-        if topic == self.topics.status {
-            self.check_own_status(&p.payload);
-        }
+        let own_offline = topic == self.topics.status && self.check_own_status(&p.payload);
         if p.qos != QoS::AtMostOnce {
             let token = self.acks.register(p.pkid, p.qos as u8);
             self.acks.done(token, |t| acks::send_ack(&self.client, t));
         }
+        own_offline
     }
 
     /// A stale Will (or any "offline" of another boot) on our own status
-    /// topic while we run: publish "online" again.
-    fn check_own_status(&self, payload: &[u8]) {
-        let Ok(enc) = protocol::detect_encoding(payload) else {
-            return;
+    /// topic while we run: publish "online" again. Our own offline Status
+    /// (of this boot) is what a clean stop waits for: true for it.
+    fn check_own_status(&self, payload: &[u8]) -> bool {
+        let peek = protocol::detect_encoding(payload)
+            .ok()
+            .and_then(|enc| protocol::decode::<StatusPeek>(payload, enc).ok());
+        let Some(peek) = peek.filter(|p| p.state == AgentState::Offline) else {
+            return false;
         };
-        if let Ok(peek) = protocol::decode::<StatusPeek>(payload, enc) {
-            let ours = peek.boot_id.as_deref() == Some(self.status.boot_id().as_str());
-            if peek.state == AgentState::Offline && !ours {
-                info!(
-                    stale_boot_id = peek.boot_id.as_deref().unwrap_or("-"),
-                    "a stale offline status was retained; publishing online again"
-                );
-                self.publish_status();
-            }
+        if peek.boot_id.as_deref() == Some(self.status.boot_id().as_str()) {
+            return true;
         }
+        info!(
+            stale_boot_id = peek.boot_id.as_deref().unwrap_or("-"),
+            "a stale offline status was retained; publishing online again"
+        );
+        self.publish_status();
+        false
     }
 }
 

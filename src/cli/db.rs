@@ -93,7 +93,9 @@ fn stats(cfg: &LoadedConfig, as_json: bool) -> anyhow::Result<()> {
             snap.meta.refs, snap.meta.labels
         );
         if stale > 0 {
-            println!("  stale    {stale} (embedded by another model; re-import or re-enrol them)");
+            println!(
+                "  stale    {stale} (embedded by another model; run `retail-agent db reembed`)"
+            );
         }
         println!("  on disk  {} bytes", db.size_on_disk());
         for (label, n) in per_label {

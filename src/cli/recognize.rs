@@ -30,15 +30,7 @@ pub fn run(
     for path in images {
         let result = std::fs::read(path)
             .map_err(|e| format!("cannot read: {e}"))
-            .and_then(|bytes| {
-                recognizer
-                    .embed_encoded(&[&bytes])
-                    .pop()
-                    .unwrap_or_else(|| {
-                        Err(crate::engine::EngineError::Run("no result".into()).into())
-                    })
-                    .map_err(|e| e.to_string())
-            });
+            .and_then(|bytes| recognizer.embed_single(&bytes).map_err(|e| e.to_string()));
         let embedded = match result {
             Ok(e) => e,
             Err(why) => {

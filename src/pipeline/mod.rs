@@ -90,6 +90,18 @@ impl PipelineContext {
             request_id = request_id.as_deref().unwrap_or("-"),
             "request rejected: {reason}"
         );
+        self.report(payload, ack, request_id, reason);
+    }
+
+    /// Publishes an ErrorReport about `payload` (in its encoding when the
+    /// first byte tells) and releases its acknowledgement.
+    fn report(
+        &self,
+        payload: &[u8],
+        ack: Option<AckToken>,
+        request_id: Option<String>,
+        reason: String,
+    ) {
         let encoding = protocol::detect_encoding(payload).unwrap_or(self.default_encoding);
         self.send(error_message(
             &self.errors_topic,
@@ -197,14 +209,12 @@ fn drop_reporter(ctx: &PipelineContext, rx: Receiver<Incoming>) {
             request_id = request_id.as_deref().unwrap_or("-"),
             "request dropped: ingest queue full"
         );
-        let encoding = protocol::detect_encoding(&dropped.payload).unwrap_or(ctx.default_encoding);
-        ctx.send(error_message(
-            &ctx.errors_topic,
-            encoding,
+        ctx.report(
+            &dropped.payload,
+            dropped.ack,
             request_id,
             "dropped: the ingest queue is full (pipeline.overflow)".into(),
-            dropped.ack,
-        ));
+        );
     }
 }
 
