@@ -203,6 +203,17 @@ pub struct RefDbConfig {
     /// Keep the source image of each reference so it can be re-embedded when
     /// the model changes.
     pub store_images: bool,
+    /// What to do when the DB cannot be opened because it is corrupt:
+    /// `reset` moves it aside and starts empty (the fleet's next snapshot
+    /// restores it), `fail` refuses to start.
+    pub on_corrupt: OnCorrupt,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnCorrupt {
+    Fail,
+    Reset,
 }
 
 impl Default for RefDbConfig {
@@ -210,6 +221,7 @@ impl Default for RefDbConfig {
         Self {
             cache_mb: 64,
             store_images: true,
+            on_corrupt: OnCorrupt::Reset,
         }
     }
 }
@@ -326,12 +338,25 @@ impl Default for MetricsConfig {
     }
 }
 
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct FleetConfig {
     /// Ed25519 public keys trusted to sign reference-DB updates: key id ->
-    /// hex or base64 of the 32-byte public key.
+    /// hex or base64 of the 32-byte public key. Several at once allow a
+    /// key rotation. Empty: every update is rejected.
     pub trusted_keys: std::collections::BTreeMap<String, String>,
+    /// Applied update ids remembered to answer `duplicate`; the oldest are
+    /// pruned beyond it (a replay that old is `stale` anyway).
+    pub remember_updates: usize,
+}
+
+impl Default for FleetConfig {
+    fn default() -> Self {
+        Self {
+            trusted_keys: Default::default(),
+            remember_updates: 10_000,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -466,6 +491,12 @@ impl LoadedConfig {
         }
         if c.limits.max_crops == 0 || c.limits.max_dimension == 0 || c.limits.max_pixels == 0 {
             return bad("limits.* must be at least 1");
+        }
+        if let Err(e) = crate::fleet::keys::TrustedKeys::parse(&c.fleet_updates.trusted_keys) {
+            return Err(ConfigError::Invalid(format!("fleet_updates.trusted_keys: {e}")));
+        }
+        if c.fleet_updates.remember_updates == 0 {
+            return bad("fleet_updates.remember_updates must be at least 1");
         }
         if c.metrics.interval_s == 0 {
             return bad("metrics.interval_s must be at least 1");

@@ -14,13 +14,17 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
-use crate::bus::protocol::{self, AgentState, ModelRef};
+use crate::protocol::{self, AgentState, ModelRef};
 use crate::bus::{self, EventLoopTask, PublisherTask, StatusSource, Topics};
 use crate::config::LoadedConfig;
-use crate::engine::Engine;
 use crate::metrics::Metrics;
-use crate::pipeline::{Outbound, Pipeline, PipelineContext, ToBus};
-use crate::recognizer::{open_refdb_reembedding, Recognizer};
+use crate::bus::{Outbound, ToBus};
+use crate::pipeline::{Pipeline, PipelineContext};
+use crate::fleet::keys::TrustedKeys;
+use crate::fleet::rules::{Identity, ModelIdentity};
+use crate::fleet::session::UpdateSession;
+use crate::fleet::UpdateReceiver;
+use crate::recognizer::{open_refdb_recovering, Recognizer};
 use crate::refdb::RefDb;
 use crate::vision::DecodeLimits;
 
@@ -38,6 +42,7 @@ pub struct Agent {
     accepting: Arc<AtomicBool>,
     stopping: watch::Sender<bool>,
     connected: watch::Receiver<bool>,
+    updates: UpdateSession,
     event_loop: JoinHandle<()>,
     publisher: JoinHandle<()>,
     metrics_task: JoinHandle<()>,
@@ -49,13 +54,15 @@ impl Agent {
     /// retried, not fatal).
     pub async fn start(cfg: LoadedConfig) -> anyhow::Result<Self> {
         let cfg = Arc::new(cfg);
-        let (engine, refdb) = {
+        let keys = TrustedKeys::parse(&cfg.config.fleet_updates.trusted_keys)
+            .context("fleet_updates.trusted_keys")?;
+        let (engine, refdb, refdb_reset) = {
             let cfg = cfg.clone();
-            tokio::task::spawn_blocking(move || -> anyhow::Result<(Engine, RefDb)> {
+            tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
                 let mut recognizer = Recognizer::from_config(&cfg)?;
-                let refdb = open_refdb_reembedding(&cfg, &mut recognizer)
+                let (refdb, reset) = open_refdb_recovering(&cfg, &mut recognizer)
                     .context("opening the reference DB")?;
-                Ok((recognizer.into_engine(), refdb))
+                Ok((recognizer.into_engine(), refdb, reset))
             })
             .await
             .context("loading the model")??
@@ -80,14 +87,21 @@ impl Agent {
         let topics = Topics::new(c);
         let metrics = Arc::new(Metrics::default());
         let (out_tx, out_rx) = mpsc::channel::<ToBus>(1024);
-        let status = Arc::new(StatusSource::new(
+        let mut status = StatusSource::new(
             c.device_id.clone(),
             c.fleet.clone(),
             model.clone(),
             engine.provider().name().to_string(),
             refdb.clone(),
             c.bus.encoding,
-        ));
+        );
+        status.refdb_reset = refdb_reset;
+        let status = Arc::new(status);
+        let update_model = ModelIdentity {
+            fingerprint: model.fingerprint.clone(),
+            dim: engine.dim(),
+            max_image_bytes: c.limits.max_image_bytes,
+        };
         let ctx = PipelineContext {
             device_id: c.device_id.clone(),
             model,
@@ -105,6 +119,32 @@ impl Agent {
         };
         let pipeline =
             Arc::new(Pipeline::start(ctx, engine, &c.pipeline).context("starting the pipeline")?);
+        if keys.is_empty() {
+            warn!("fleet_updates.trusted_keys is empty: every reference-DB update will be rejected");
+        }
+        let updates = UpdateSession::start(
+            &cfg,
+            &topics,
+            Arc::new(UpdateReceiver::new(
+                keys,
+                Identity {
+                    fleet: c.fleet.clone(),
+                    device_id: c.device_id.clone(),
+                },
+                update_model,
+                refdb.clone(),
+                pipeline.clone(),
+            )),
+            status.clone(),
+            out_tx.clone(),
+        )?;
+        // Subscribed to updates before the Status says "online": an update
+        // a back end sends on seeing it must reach this agent even on its
+        // first connection (later ones have a persistent session). An
+        // unreachable broker is not waited for.
+        if !updates.wait_subscribed(Duration::from_secs(5)).await {
+            warn!("the update session is not subscribed yet; going on");
+        }
         let options = bus::mqtt_options(&cfg, &status, &topics)?;
         let (client, eventloop) = rumqttc::AsyncClient::new(options, 1024);
         let (connected_tx, connected_rx) = watch::channel(false);
@@ -117,7 +157,7 @@ impl Agent {
                 client: client.clone(),
                 topics: topics.clone(),
                 status: status.clone(),
-                pipeline: pipeline.clone(),
+                requests: pipeline.clone(),
                 metrics: metrics.clone(),
                 acks: acks.clone(),
                 out: out_tx.clone(),
@@ -178,6 +218,7 @@ impl Agent {
             accepting,
             stopping: stopping_tx,
             connected: connected_rx,
+            updates,
             event_loop,
             publisher,
             metrics_task,
@@ -213,6 +254,8 @@ impl Agent {
     pub async fn stop(self) -> anyhow::Result<()> {
         info!("stopping: no new requests; finishing in-flight ones");
         self.accepting.store(false, Ordering::Release);
+        // The update in progress needs the inference thread: finish it first.
+        self.updates.stop(STOP_TIMEOUT).await;
         let pipeline = self.pipeline.clone();
         let left = tokio::time::timeout(
             STOP_TIMEOUT,

@@ -18,7 +18,7 @@ use image::{ImageFormat, RgbImage};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use serde_json::json;
 
-use crate::bus::protocol::{self, ErrorReport, ItemDecision, RecognitionResult};
+use crate::protocol::{self, ErrorReport, ItemDecision, RecognitionResult};
 use crate::config::{Encoding, LoadedConfig};
 use crate::daemon::Agent;
 use crate::recognizer::{open_refdb, Recognizer};
@@ -269,7 +269,7 @@ pub async fn run(verbose: bool) -> anyhow::Result<()> {
     let config_path = dir.path().join("agent.toml");
     std::fs::write(&config_path, &config_text)?;
     let cfg = LoadedConfig::load(&config_path)?;
-    crate::cli::init_logging(&cfg.config.log.filter, false);
+    crate::logging::init(&cfg.config.log.filter, false);
     println!(
         "retail-agent demo: broker on 127.0.0.1:{port}, state in {}",
         dir.path().display()

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
 
-use crate::bus::protocol::{self, Percentiles, StageLatencies};
+use crate::protocol::{self, Percentiles, StageLatencies};
 
 /// Latency stages of a request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

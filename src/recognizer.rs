@@ -7,7 +7,7 @@
 
 use image::RgbImage;
 
-use crate::config::LoadedConfig;
+use crate::config::{LoadedConfig, OnCorrupt};
 use crate::engine::{Engine, EngineError, EngineOptions, EngineOutput};
 use crate::manifest::{ManifestError, ModelManifest};
 use crate::refdb::{RefDb, RefDbError, RefDbSettings};
@@ -100,6 +100,51 @@ pub fn open_refdb_reembedding(
     Ok(db)
 }
 
+/// Opens the DB as [`open_refdb_reembedding`] does; when it is corrupt and
+/// `refdb.on_corrupt = "reset"`, moves it aside, starts with an empty one
+/// and says so (one error line here, and the returned note for the
+/// Status). With `"fail"` the corruption is the error.
+pub fn open_refdb_recovering(
+    cfg: &LoadedConfig,
+    recognizer: &mut Recognizer,
+) -> Result<(RefDb, Option<crate::protocol::RefDbReset>), RefDbError> {
+    let err = match open_refdb_reembedding(cfg, recognizer) {
+        Ok(db) => return Ok((db, None)),
+        Err(e) if e.is_corrupt() && cfg.config.refdb.on_corrupt == OnCorrupt::Reset => e,
+        Err(e) => {
+            if e.is_corrupt() {
+                tracing::error!(
+                    "reference DB is corrupt and refdb.on_corrupt = \"fail\": {e}"
+                );
+            }
+            return Err(e);
+        }
+    };
+    let dir = cfg.refdb_dir();
+    let ts_ms = crate::clock::now_ms();
+    let aside = dir.with_file_name(format!("refdb.corrupt-{ts_ms}"));
+    std::fs::rename(&dir, &aside).map_err(|e| {
+        RefDbError::Store(crate::refdb::StoreError::Open {
+            path: dir.clone(),
+            message: format!("corrupt ({err}), and it cannot be moved aside to {}: {e}", aside.display()),
+            corrupt: true,
+        })
+    })?;
+    tracing::error!(
+        moved_to = %aside.display(),
+        "reference DB is corrupt ({err}); moved it aside and started empty (refdb.on_corrupt = \"reset\"): the fleet's next snapshot restores it"
+    );
+    let db = open_refdb(cfg, recognizer.engine())?;
+    Ok((
+        db,
+        Some(crate::protocol::RefDbReset {
+            reason: err.to_string(),
+            moved_to: aside.display().to_string(),
+            ts_ms,
+        }),
+    ))
+}
+
 /// The DB settings for a model with embeddings of `dim`.
 pub fn refdb_settings(cfg: &LoadedConfig, manifest: &ModelManifest, dim: usize) -> RefDbSettings {
     RefDbSettings {
@@ -108,6 +153,7 @@ pub fn refdb_settings(cfg: &LoadedConfig, manifest: &ModelManifest, dim: usize) 
         prototypes_per_class: cfg.config.recognition.prototypes_per_class,
         store_images: cfg.config.refdb.store_images,
         cache_mb: cfg.config.refdb.cache_mb,
+        remember_updates: cfg.config.fleet_updates.remember_updates,
     }
 }
 

@@ -12,6 +12,7 @@ fn settings(dim: usize, fingerprint: &str, protos: usize) -> RefDbSettings {
         model_fingerprint: fingerprint.into(),
         prototypes_per_class: protos,
         store_images: true,
+        remember_updates: 10_000,
         cache_mb: 4,
     }
 }

@@ -13,7 +13,7 @@ use std::sync::Mutex;
 
 use rumqttc::{AsyncClient, Publish};
 
-use crate::pipeline::AckToken;
+use super::AckToken;
 
 struct Entry {
     token: AckToken,

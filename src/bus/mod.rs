@@ -6,11 +6,11 @@
 //! exponential backoff; routes incoming messages) and the publisher (hands
 //! outgoing messages to rumqttc while connected, keeps them in a bounded
 //! outbox while not, acknowledges each request after its answer). The
-//! payload types are in [`protocol`]; what happens to a request is the
+//! payload types are in [`crate::protocol`]; what happens to a request is the
 //! pipeline's business.
 
 pub mod acks;
-pub mod protocol;
+pub mod message;
 pub mod tls;
 pub mod topics;
 
@@ -28,10 +28,10 @@ use tracing::{debug, info, warn};
 
 use crate::config::{BusConfig, Encoding, LoadedConfig};
 use crate::metrics::Metrics;
-use crate::pipeline::{Incoming, Outbound, Pipeline, ToBus};
 use crate::refdb::RefDb;
 pub use acks::AckSequencer;
-use protocol::{AgentState, ModelRef, RefDbState, Status, StatusPeek, Will};
+pub use message::{AckToken, Incoming, Outbound, RequestSink, ToBus};
+use crate::protocol::{self, AgentState, ModelRef, RefDbState, Status, StatusPeek, Will};
 pub use topics::Topics;
 
 /// Facts the Status message reports.
@@ -43,6 +43,8 @@ pub struct StatusSource {
     pub started_ms: u64,
     pub refdb: Arc<RefDb>,
     pub encoding: Encoding,
+    /// Set when the DB was found corrupt at start-up and reset.
+    pub refdb_reset: Option<protocol::RefDbReset>,
     boot_id: Mutex<String>,
 }
 
@@ -63,6 +65,7 @@ impl StatusSource {
             started_ms: crate::clock::now_ms(),
             refdb,
             encoding,
+            refdb_reset: None,
             boot_id: Mutex::new(new_boot_id()),
         }
     }
@@ -98,6 +101,7 @@ impl StatusSource {
             },
             started_ms: self.started_ms,
             ts_ms: crate::clock::now_ms(),
+            refdb_reset: self.refdb_reset.clone(),
         }
     }
 
@@ -136,25 +140,39 @@ pub(crate) fn qos(q: u8) -> QoS {
     }
 }
 
-/// MQTT options from the config: persistent session, stable client id,
-/// packet limits, credentials, TLS.
+/// The agent's MQTT client id: `bus.client_id`, else
+/// `retail-agent-{device_id}` (stable, so the persistent session survives).
+pub fn client_id(cfg: &LoadedConfig) -> String {
+    cfg.config
+        .bus
+        .client_id
+        .clone()
+        .unwrap_or_else(|| format!("retail-agent-{}", cfg.config.device_id))
+}
+
+/// MQTT options of the agent's main session: [`connection_options`] with
+/// the Last Will of its Status.
 pub fn mqtt_options(
     cfg: &LoadedConfig,
     status: &StatusSource,
     topics: &Topics,
 ) -> anyhow::Result<MqttOptions> {
+    let mut o = connection_options(cfg, client_id(cfg))?;
+    o.set_last_will(status.will(&topics.status));
+    Ok(o)
+}
+
+/// MQTT options from the config for a session named `client_id`:
+/// persistent session, manual acknowledgements, packet limits,
+/// credentials, TLS.
+pub fn connection_options(cfg: &LoadedConfig, client_id: String) -> anyhow::Result<MqttOptions> {
     let bus: &BusConfig = &cfg.config.bus;
-    let client_id = bus
-        .client_id
-        .clone()
-        .unwrap_or_else(|| format!("retail-agent-{}", cfg.config.device_id));
     let mut o = MqttOptions::new(client_id, bus.host.clone(), bus.port);
     o.set_keep_alive(Duration::from_secs(bus.keep_alive_s.max(5)));
     o.set_clean_session(false);
     o.set_manual_acks(true);
     o.set_max_packet_size(bus.max_packet_bytes, bus.max_packet_bytes);
     o.set_inflight(100);
-    o.set_last_will(status.will(&topics.status));
     if let Some(user) = &bus.username {
         o.set_credentials(user.clone(), bus.password.clone().unwrap_or_default());
     }
@@ -176,7 +194,7 @@ pub struct EventLoopTask {
     pub client: AsyncClient,
     pub topics: Topics,
     pub status: Arc<StatusSource>,
-    pub pipeline: Arc<Pipeline>,
+    pub requests: Arc<dyn RequestSink>,
     pub metrics: Arc<Metrics>,
     pub acks: Arc<AckSequencer>,
     pub out: mpsc::Sender<ToBus>,
@@ -318,7 +336,7 @@ impl EventLoopTask {
                 ack,
             };
             // Full queue: the pipeline counts, reports and releases the drop.
-            self.pipeline.submit(msg);
+            self.requests.submit(msg);
             return false;
         }
         let own_offline = topic == self.topics.status && self.check_own_status(&p.payload);

@@ -6,6 +6,7 @@
 mod db;
 mod enroll;
 mod evaluate;
+mod fleet;
 mod recognize;
 
 use std::path::PathBuf;
@@ -110,6 +111,15 @@ pub enum Command {
         #[command(subcommand)]
         action: DbAction,
     },
+    /// Fleet operator: sign and push reference-DB updates to the devices,
+    /// wait for their acks, and show every device's state. Exit status: 0
+    /// every targeted device applied everything, 2 one answered otherwise
+    /// (gap, rejected, …; for `status`: a device diverges), 3 one did not
+    /// answer in time, 1 any other error.
+    Fleet {
+        #[command(subcommand)]
+        action: fleet::FleetAction,
+    },
     /// Validate a config file and print the effective configuration (secrets masked).
     CheckConfig {
         #[command(flatten)]
@@ -139,7 +149,7 @@ pub enum DbAction {
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     match run(cli) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
@@ -147,8 +157,15 @@ pub fn main() -> ExitCode {
     }
 }
 
-fn run(cli: Cli) -> anyhow::Result<()> {
-    match cli.command {
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    if let Command::Fleet { action } = cli.command {
+        return fleet::run(action);
+    }
+    run_command(cli.command).map(|()| ExitCode::SUCCESS)
+}
+
+fn run_command(command: Command) -> anyhow::Result<()> {
+    match command {
         Command::Demo { verbose } => tokio_runtime()?.block_on(crate::demo::run(verbose)),
         Command::Run { config } => {
             let cfg = load_config(&config)?;
@@ -200,6 +217,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             );
             Ok(())
         }
+        Command::Fleet { action } => fleet::run(action).map(|_| ()),
     }
 }
 
@@ -216,24 +234,8 @@ fn tokio_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 pub fn load_config(arg: &ConfigArg) -> anyhow::Result<LoadedConfig> {
     let cfg = LoadedConfig::load(&arg.config)
         .with_context(|| format!("loading config {}", arg.config.display()))?;
-    init_logging(&cfg.config.log.filter, cfg.config.log.json);
+    crate::logging::init(&cfg.config.log.filter, cfg.config.log.json);
     Ok(cfg)
-}
-
-/// Starts logging to stderr; later calls do nothing.
-pub fn init_logging(filter: &str, json: bool) {
-    use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env()
-        .or_else(|_| EnvFilter::try_new(filter))
-        .unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    let _ = if json {
-        builder.json().try_init()
-    } else {
-        builder.try_init()
-    };
 }
 
 /// A progress bar on stderr (hidden when stderr is not a terminal).

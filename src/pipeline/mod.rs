@@ -11,7 +11,7 @@
 pub mod queue;
 pub mod request;
 
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender};
+use crossbeam_channel::{self as channel, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -19,10 +19,11 @@ use std::time::{Duration, Instant};
 use image::RgbImage;
 use tracing::{debug, warn};
 
-use crate::bus::protocol::{
+use crate::protocol::{
     self, CandidateOut, ClassifierOut, CropRequest, CropSource, ErrorReport, Item, ItemDecision,
     ModelRef, MAX_TOP_K,
 };
+use crate::bus::{AckToken, Incoming, Outbound, RequestSink, ToBus};
 use crate::config::{Encoding, PipelineConfig};
 use crate::engine::{Engine, EngineOutput};
 use crate::metrics::{Metrics, Stage};
@@ -32,25 +33,7 @@ use crate::vision::decode::{clip_bbox, decode_image, raw_image, DecodeLimits, Vi
 use crate::vision::preprocess::{InputGeometry, Normalizer, Preprocessor};
 
 pub use queue::{IngestQueue, Pushed};
-pub use request::{AckToken, Incoming, RequestHeader, RequestState};
-
-/// A message for the bus to publish, with the request to acknowledge after.
-#[derive(Debug, Clone)]
-pub struct Outbound {
-    pub topic: String,
-    pub payload: Vec<u8>,
-    pub qos: u8,
-    pub retain: bool,
-    pub ack: Option<AckToken>,
-}
-
-/// What the bus's publisher is asked to do, in order.
-#[derive(Debug)]
-pub enum ToBus {
-    Send(Outbound),
-    /// Answered once every earlier message was handed to the MQTT client.
-    Flush(tokio::sync::oneshot::Sender<()>),
-}
+pub use request::{RequestHeader, RequestState};
 
 /// What the pipeline needs to know to answer requests.
 pub struct PipelineContext {
@@ -112,7 +95,8 @@ impl PipelineContext {
         ));
     }
 
-    fn finish(&self, req: &RequestState, refdb_version: u64) {
+    fn finish(&self, req: &RequestState) {
+        let refdb_version = req.refdb_version(self.refdb.meta().version);
         let result = req.result(&self.device_id, &self.model, refdb_version);
         let payload = protocol::encode(&result, req.encoding);
         let t = result.timing_us;
@@ -185,13 +169,26 @@ impl BufferPool {
     }
 }
 
+/// Images to embed for a reference-DB update: the inference thread's
+/// second kind of job (at most `max_batch` images, already resized).
+struct EmbedJob {
+    rgb: Vec<Vec<u8>>,
+    /// `rgb.len() * dim` embeddings, or why inference failed.
+    reply: Sender<Result<Vec<f32>, String>>,
+}
+
 pub struct Pipeline {
     queue: Arc<IngestQueue<Incoming>>,
     ctx: Arc<PipelineContext>,
     threads: Mutex<Vec<JoinHandle<()>>>,
     /// Dropped messages on their way to the drop reporter.
-    drops: Mutex<Option<SyncSender<Incoming>>>,
+    drops: Mutex<Option<Sender<Incoming>>>,
     unreported_drops: std::sync::atomic::AtomicU64,
+    /// Embedding jobs for the inference thread (closed on shutdown).
+    jobs: Mutex<Option<Sender<EmbedJob>>>,
+    geometry: InputGeometry,
+    max_batch: usize,
+    dim: usize,
 }
 
 /// Messages the drop reporter may have waiting; beyond it drops are still
@@ -235,7 +232,9 @@ impl Pipeline {
             len: geometry.rgb_len(),
             keep: max_batch * 4,
         });
-        let (tx, rx) = mpsc::sync_channel::<Prepared>(max_batch * 2);
+        let (tx, rx) = channel::bounded::<Prepared>(max_batch * 2);
+        let (jobs_tx, jobs_rx) = channel::bounded::<EmbedJob>(1);
+        let dim = engine.dim();
         let workers = if cfg.decode_workers == 0 {
             std::thread::available_parallelism().map_or(2, |n| n.get())
         } else {
@@ -257,7 +256,7 @@ impl Pipeline {
             );
         }
         drop(tx);
-        let (drops_tx, drops_rx) = mpsc::sync_channel::<Incoming>(DROP_REPORT_BACKLOG);
+        let (drops_tx, drops_rx) = channel::bounded::<Incoming>(DROP_REPORT_BACKLOG);
         let reporter_ctx = ctx.clone();
         threads.push(
             std::thread::Builder::new()
@@ -269,7 +268,9 @@ impl Pipeline {
         threads.push(
             std::thread::Builder::new()
                 .name("inference".into())
-                .spawn(move || infer_loop(&ctx2, rx, engine, &pool2, max_batch, max_delay))?,
+                .spawn(move || {
+                    infer_loop(&ctx2, rx, jobs_rx, engine, &pool2, max_batch, max_delay)
+                })?,
         );
         Ok(Self {
             queue,
@@ -277,6 +278,10 @@ impl Pipeline {
             threads: Mutex::new(threads),
             drops: Mutex::new(Some(drops_tx)),
             unreported_drops: std::sync::atomic::AtomicU64::new(0),
+            jobs: Mutex::new(Some(jobs_tx)),
+            geometry,
+            max_batch,
+            dim,
         })
     }
 
@@ -325,6 +330,7 @@ impl Pipeline {
     /// Blocks until the threads have exited.
     pub fn shutdown(&self) -> Vec<Incoming> {
         let left = self.queue.close();
+        drop(self.jobs.lock().unwrap_or_else(|p| p.into_inner()).take());
         drop(self.drops.lock().unwrap_or_else(|p| p.into_inner()).take());
         let threads = std::mem::take(&mut *self.threads.lock().unwrap_or_else(|p| p.into_inner()));
         for t in threads {
@@ -337,7 +343,7 @@ impl Pipeline {
 fn decode_worker(
     ctx: &PipelineContext,
     queue: &IngestQueue<Incoming>,
-    tx: &SyncSender<Prepared>,
+    tx: &Sender<Prepared>,
     pool: &BufferPool,
     geometry: InputGeometry,
 ) {
@@ -352,7 +358,7 @@ fn handle_message(
     ctx: &PipelineContext,
     pre: &mut Preprocessor,
     pool: &BufferPool,
-    tx: &SyncSender<Prepared>,
+    tx: &Sender<Prepared>,
     msg: Incoming,
 ) {
     let dequeued = Instant::now();
@@ -430,7 +436,7 @@ fn handle_message(
     }
     state.set_decode(dequeued.elapsed());
     if finished {
-        ctx.finish(&state, ctx.refdb.meta().version);
+        ctx.finish(&state);
         return;
     }
     for p in prepared {
@@ -470,9 +476,51 @@ fn prepare_crop(
     }
 }
 
+/// What the inference thread does next.
+enum Work {
+    Crop(Prepared),
+    Embed(EmbedJob),
+}
+
+/// The next piece of work, crops first: an embedding job runs only when no
+/// crop is waiting, so at most one update batch runs ahead of a crop batch.
+/// `None` once the decode workers are gone.
+fn next_work(
+    crops: &Receiver<Prepared>,
+    jobs: &Receiver<EmbedJob>,
+    jobs_open: &mut bool,
+) -> Option<Work> {
+    match crops.try_recv() {
+        Ok(p) => return Some(Work::Crop(p)),
+        Err(channel::TryRecvError::Disconnected) => return None,
+        Err(channel::TryRecvError::Empty) => {}
+    }
+    if *jobs_open {
+        match jobs.try_recv() {
+            Ok(j) => return Some(Work::Embed(j)),
+            Err(channel::TryRecvError::Disconnected) => *jobs_open = false,
+            Err(channel::TryRecvError::Empty) => {}
+        }
+    }
+    if !*jobs_open {
+        return crops.recv().ok().map(Work::Crop);
+    }
+    channel::select! {
+        recv(crops) -> p => p.ok().map(Work::Crop),
+        recv(jobs) -> j => match j {
+            Ok(j) => Some(Work::Embed(j)),
+            Err(_) => {
+                *jobs_open = false;
+                crops.recv().ok().map(Work::Crop)
+            }
+        },
+    }
+}
+
 fn infer_loop(
     ctx: &PipelineContext,
     rx: Receiver<Prepared>,
+    jobs: Receiver<EmbedJob>,
     mut engine: Engine,
     pool: &BufferPool,
     max_batch: usize,
@@ -486,7 +534,23 @@ fn infer_loop(
     let mut tensor = vec![0f32; max_batch * per_image];
     let mut out = EngineOutput::default();
     let mut batch: Vec<Prepared> = Vec::with_capacity(max_batch);
-    while let Ok(first) = rx.recv() {
+    let mut jobs_open = true;
+    while let Some(work) = next_work(&rx, &jobs, &mut jobs_open) {
+        let first = match work {
+            Work::Crop(p) => p,
+            Work::Embed(job) => {
+                let n = job.rgb.len().min(max_batch);
+                for (rgb, slot) in job.rgb.iter().zip(tensor.chunks_exact_mut(per_image)) {
+                    normalizer.apply(rgb, slot);
+                }
+                let run = engine
+                    .run(&tensor[..n * per_image], n, &mut out)
+                    .map(|()| out.embeddings[..n * dim].to_vec())
+                    .map_err(|e| e.to_string());
+                let _ = job.reply.send(run);
+                continue;
+            }
+        };
         batch.push(first);
         let deadline = Instant::now() + max_delay;
         while batch.len() < max_batch {
@@ -519,7 +583,9 @@ fn infer_loop(
                 Ok(()) => {
                     let t = Instant::now();
                     let emb = &out.embeddings[i * dim..(i + 1) * dim];
-                    let r = snapshot
+                    let r = p
+                        .request
+                        .pin_snapshot(&snapshot)
                         .index
                         .search(emb, p.request.top_k, ctx.unknown_threshold);
                     let classifier = (classes > 0).then(|| {
@@ -556,8 +622,86 @@ fn infer_loop(
                 }
             };
             if p.request.complete(p.index, item) {
-                ctx.finish(&p.request, snapshot.meta.version);
+                ctx.finish(&p.request);
             }
         }
+    }
+}
+
+/// Why images of an update could not be embedded.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum EmbedError {
+    /// This image does not decode (or is over the limits).
+    #[error("{0}")]
+    Image(String),
+    /// The model failed on the batch.
+    #[error("inference failed: {0}")]
+    Inference(String),
+    /// The pipeline is shutting down: try again after the restart.
+    #[error("the inference thread is stopping")]
+    Stopped,
+}
+
+impl Pipeline {
+    /// Decodes and resizes `images` on the calling (blocking) thread, then
+    /// embeds them on the inference thread, `max_batch` at a time, each
+    /// batch queued behind waiting crops. One result per image, in order.
+    pub fn embed_encoded(&self, images: &[&[u8]]) -> Vec<Result<Vec<f32>, EmbedError>> {
+        let mut pre = Preprocessor::new(self.geometry.clone());
+        let mut results: Vec<Result<Vec<f32>, EmbedError>> = Vec::with_capacity(images.len());
+        let mut ready: Vec<(usize, Vec<u8>)> = Vec::new();
+        for (i, bytes) in images.iter().enumerate() {
+            let mut rgb = vec![0u8; self.geometry.rgb_len()];
+            match decode_image(bytes, &self.ctx.limits)
+                .and_then(|img| pre.resize_into(&img, None, &mut rgb))
+            {
+                Ok(()) => {
+                    ready.push((i, rgb));
+                    results.push(Err(EmbedError::Stopped));
+                }
+                Err(e) => results.push(Err(EmbedError::Image(e.to_string()))),
+            }
+        }
+        let Some(jobs) = self.jobs.lock().unwrap_or_else(|p| p.into_inner()).clone() else {
+            return results;
+        };
+        let mut ready = ready.into_iter().peekable();
+        while ready.peek().is_some() {
+            let chunk: Vec<(usize, Vec<u8>)> = ready.by_ref().take(self.max_batch).collect();
+            let (reply, answer) = channel::bounded(1);
+            let (slots, rgb): (Vec<usize>, Vec<Vec<u8>>) = chunk.into_iter().unzip();
+            if jobs.send(EmbedJob { rgb, reply }).is_err() {
+                break;
+            }
+            let outcome = answer.recv().map_err(|_| EmbedError::Stopped);
+            for (k, slot) in slots.into_iter().enumerate() {
+                results[slot] = match &outcome {
+                    Ok(Ok(emb)) => Ok(emb[k * self.dim..(k + 1) * self.dim].to_vec()),
+                    Ok(Err(e)) => Err(EmbedError::Inference(e.clone())),
+                    Err(e) => Err(e.clone()),
+                };
+            }
+        }
+        results
+    }
+}
+
+impl RequestSink for Pipeline {
+    fn submit(&self, msg: Incoming) {
+        Pipeline::submit(self, msg);
+    }
+}
+
+impl crate::fleet::ImageEmbedder for Pipeline {
+    fn embed(&self, images: &[&[u8]]) -> Vec<Result<Vec<f32>, Option<String>>> {
+        self.embed_encoded(images)
+            .into_iter()
+            .map(|r| {
+                r.map_err(|e| match e {
+                    EmbedError::Stopped => None,
+                    other => Some(other.to_string()),
+                })
+            })
+            .collect()
     }
 }

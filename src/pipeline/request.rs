@@ -3,31 +3,13 @@
 //! crop is done (whichever thread finishes it).
 
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use crate::bus::protocol::{Item, ModelRef, RecognitionResult, TimingUs};
+use crate::protocol::{Item, ModelRef, RecognitionResult, TimingUs};
+use crate::bus::AckToken;
 use crate::config::Encoding;
-
-/// How to acknowledge a received message once it is answered.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct AckToken {
-    pub pkid: u16,
-    pub qos: u8,
-    /// Arrival order on this connection.
-    pub seq: u64,
-    /// Which connection it arrived on.
-    pub generation: u32,
-}
-
-/// A message as received from the bus.
-#[derive(Debug)]
-pub struct Incoming {
-    pub payload: bytes::Bytes,
-    pub received: Instant,
-    /// Set for QoS 1/2 messages: acknowledged once answered (or dropped).
-    pub ack: Option<AckToken>,
-}
+use crate::refdb::Snapshot;
 
 /// Per-request state shared by the decode worker and the inference thread.
 pub struct RequestState {
@@ -45,6 +27,9 @@ pub struct RequestState {
     batch_size: AtomicU32,
     items: Mutex<Vec<Option<Item>>>,
     remaining: AtomicUsize,
+    /// The DB snapshot every crop of this request is searched in, pinned by
+    /// its first batch: a request never sees two versions of the DB.
+    snapshot: OnceLock<Arc<Snapshot>>,
     span: tracing::Span,
 }
 
@@ -77,8 +62,20 @@ impl RequestState {
             batch_size: AtomicU32::new(0),
             items: Mutex::new(vec![None; crops]),
             remaining: AtomicUsize::new(crops),
+            snapshot: OnceLock::new(),
             span,
         }
+    }
+
+    /// The snapshot this request is searched in: the first one offered.
+    pub fn pin_snapshot(&self, current: &Arc<Snapshot>) -> &Arc<Snapshot> {
+        self.snapshot.get_or_init(|| current.clone())
+    }
+
+    /// The version of the DB that answered: the pinned snapshot's, or
+    /// `current` when no crop was searched.
+    pub fn refdb_version(&self, current: u64) -> u64 {
+        self.snapshot.get().map_or(current, |s| s.meta.version)
     }
 
     pub fn span(&self) -> &tracing::Span {

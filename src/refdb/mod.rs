@@ -47,6 +47,55 @@ pub enum RefDbError {
     InvalidRef { ref_id: String, message: String },
 }
 
+/// The DB state that decides whether an update may apply: its version and
+/// the updates it remembers applying.
+pub trait LedgerView {
+    fn version(&self) -> u64;
+    fn was_applied(&self, update_id: &str) -> bool;
+}
+
+/// The DB as seen under its writer lock (nothing changes it meanwhile).
+struct Locked<'a> {
+    store: &'a Store,
+    version: u64,
+}
+
+impl LedgerView for Locked<'_> {
+    fn version(&self) -> u64 {
+        self.version
+    }
+    fn was_applied(&self, update_id: &str) -> bool {
+        self.store.was_applied(update_id).unwrap_or_else(|e| {
+            tracing::warn!("cannot read the applied-update ledger: {e}");
+            false
+        })
+    }
+}
+
+impl LedgerView for RefDb {
+    fn version(&self) -> u64 {
+        self.snapshot().meta.version
+    }
+    fn was_applied(&self, update_id: &str) -> bool {
+        Locked {
+            store: &self.store,
+            version: 0,
+        }
+        .was_applied(update_id)
+    }
+}
+
+impl RefDbError {
+    /// Whether the DB's files are there but unreadable (sled corruption, a
+    /// record that does not decode), as opposed to, say, a permission error.
+    pub fn is_corrupt(&self) -> bool {
+        matches!(
+            self,
+            Self::Store(StoreError::Open { corrupt: true, .. } | StoreError::Corrupt { .. })
+        )
+    }
+}
+
 /// What the contract reports about a DB: `{version, digest, refs, labels}`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DbMeta {
@@ -124,6 +173,9 @@ pub struct RefDbSettings {
     pub prototypes_per_class: usize,
     pub store_images: bool,
     pub cache_mb: u64,
+    /// Applied update ids remembered (for `duplicate`); the oldest are
+    /// pruned beyond it (a replay that old is `stale` anyway).
+    pub remember_updates: usize,
 }
 
 /// Everything known about one stored reference except its vector.
@@ -267,6 +319,12 @@ impl RefDb {
         Ok(self.store.load_all()?)
     }
 
+    /// How many applied update ids are remembered (bounded by
+    /// `remember_updates`).
+    pub fn remembered_updates(&self) -> usize {
+        self.store.remembered_updates()
+    }
+
     pub fn size_on_disk(&self) -> u64 {
         self.store.size_on_disk()
     }
@@ -373,10 +431,33 @@ impl RefDb {
         version: u64,
         update_id: Option<&str>,
     ) -> Result<DbMeta, RefDbError> {
+        self.apply_guarded(ops, version, update_id, |_| {
+            Ok::<(), std::convert::Infallible>(())
+        })?
+        .map_err(|never| match never {})
+    }
+
+    /// Like [`RefDb::apply`], but first asks `guard`, under the writer lock,
+    /// whether the DB's state still allows the change (check-and-set): a
+    /// refusal is returned as `Ok(Err(..))` and nothing is written.
+    pub fn apply_guarded<E>(
+        &self,
+        ops: Vec<RefOp>,
+        version: u64,
+        update_id: Option<&str>,
+        guard: impl FnOnce(&dyn LedgerView) -> Result<(), E>,
+    ) -> Result<Result<DbMeta, E>, RefDbError> {
         for op in &ops {
             self.validate(op)?;
         }
         let _writer = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        let view = Locked {
+            store: &self.store,
+            version: self.snapshot().meta.version,
+        };
+        if let Err(refused) = guard(&view) {
+            return Ok(Err(refused));
+        }
         let old = self.snapshot();
         let mut work: BTreeMap<String, Working> = old
             .entries
@@ -447,7 +528,8 @@ impl RefDb {
                 }
             }
         }
-        self.store.commit(&changes, version, update_id)?;
+        self.store
+            .commit(&changes, version, update_id, self.settings.remember_updates)?;
         let snapshot = Arc::new(build_snapshot(
             &self.settings,
             Some(&old.index),
@@ -459,7 +541,7 @@ impl RefDb {
             Ok(mut g) => *g = snapshot,
             Err(p) => *p.into_inner() = snapshot,
         }
-        Ok(meta)
+        Ok(Ok(meta))
     }
 }
 

@@ -22,7 +22,13 @@ const FORMAT: u32 = 1;
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("cannot open reference DB at {path}: {message}")]
-    Open { path: PathBuf, message: String },
+    Open {
+        path: PathBuf,
+        message: String,
+        /// The files are there but unreadable (as opposed to, say, a
+        /// permission error): moving them aside may help.
+        corrupt: bool,
+    },
     #[error("reference DB I/O failed: {0}")]
     Io(#[from] sled::Error),
     #[error("reference DB record {key} is corrupt: {message}")]
@@ -57,23 +63,33 @@ pub enum StoreChange {
 pub struct Store {
     db: sled::Db,
     tree: sled::Tree,
+    /// How many applied update ids are remembered.
+    remembered: std::sync::atomic::AtomicUsize,
 }
 
 impl Store {
     /// Opens (or creates) the store in `dir` with a page cache of `cache_mb`.
     pub fn open(dir: &Path, cache_mb: u64) -> Result<Self, StoreError> {
-        let open_err = |message: String| StoreError::Open {
+        let open_err = |e: &dyn std::fmt::Display, corrupt: bool| StoreError::Open {
             path: dir.to_path_buf(),
-            message,
+            message: e.to_string(),
+            corrupt,
         };
-        std::fs::create_dir_all(dir).map_err(|e| open_err(e.to_string()))?;
+        let sled_err = |e: sled::Error| {
+            let corrupt = matches!(
+                e,
+                sled::Error::Corruption { .. } | sled::Error::ReportableBug(_)
+            ) || matches!(&e, sled::Error::Io(io) if io.kind() == std::io::ErrorKind::InvalidData || io.kind() == std::io::ErrorKind::UnexpectedEof);
+            open_err(&e, corrupt)
+        };
+        std::fs::create_dir_all(dir).map_err(|e| open_err(&e, false))?;
         let db = sled::Config::new()
             .path(dir)
             .cache_capacity(cache_mb.max(1) * 1024 * 1024)
             .mode(sled::Mode::LowSpace)
             .open()
-            .map_err(|e| open_err(e.to_string()))?;
-        let tree = db.open_tree("refdb").map_err(|e| open_err(e.to_string()))?;
+            .map_err(sled_err)?;
+        let tree = db.open_tree("refdb").map_err(sled_err)?;
         match tree.get(FORMAT_KEY)? {
             None => {
                 tree.insert(FORMAT_KEY, &FORMAT.to_le_bytes())?;
@@ -92,7 +108,12 @@ impl Store {
                 }
             }
         }
-        Ok(Self { db, tree })
+        let remembered = tree.scan_prefix(UPDATE_PREFIX).count();
+        Ok(Self {
+            db,
+            tree,
+            remembered: remembered.into(),
+        })
     }
 
     pub fn version(&self) -> Result<u64, StoreError> {
@@ -145,12 +166,15 @@ impl Store {
     }
 
     /// Applies `changes`, sets the version and records `update_id`, as one
-    /// atomic batch, and waits until it is on disk.
+    /// atomic batch, and waits until it is on disk. Beyond `remember`
+    /// applied update ids (plus an eighth, to prune in bulk), the oldest
+    /// (lowest version) are forgotten in the same batch.
     pub fn commit(
         &self,
         changes: &[StoreChange],
         version: u64,
         update_id: Option<&str>,
+        remember: usize,
     ) -> Result<(), StoreError> {
         let mut batch = sled::Batch::default();
         for change in changes {
@@ -166,12 +190,48 @@ impl Store {
             }
         }
         batch.insert(VERSION_KEY, &version.to_be_bytes());
+        let mut remembered = self.remembered.load(std::sync::atomic::Ordering::Relaxed);
         if let Some(id) = update_id {
-            batch.insert(update_key(id), &version.to_be_bytes());
+            let key = update_key(id);
+            if !self.tree.contains_key(&key)? {
+                remembered += 1;
+            }
+            if remembered > remember.max(1) + remember / 8 {
+                remembered -= self.prune_updates(&mut batch, remembered - remember.max(1))?;
+            }
+            batch.insert(key, &version.to_be_bytes());
         }
         self.tree.apply_batch(batch)?;
         self.db.flush()?;
+        self.remembered
+            .store(remembered, std::sync::atomic::Ordering::Relaxed);
         Ok(())
+    }
+
+    /// Adds to `batch` the removal of the `count` oldest remembered update
+    /// ids; returns how many.
+    fn prune_updates(&self, batch: &mut sled::Batch, count: usize) -> Result<usize, StoreError> {
+        let mut all: Vec<(u64, sled::IVec)> = Vec::new();
+        for item in self.tree.scan_prefix(UPDATE_PREFIX) {
+            let (key, value) = item?;
+            let version = value
+                .as_ref()
+                .try_into()
+                .map(u64::from_be_bytes)
+                .unwrap_or(0);
+            all.push((version, key));
+        }
+        all.sort();
+        let n = count.min(all.len());
+        for (_, key) in all.into_iter().take(n) {
+            batch.remove(key);
+        }
+        Ok(n)
+    }
+
+    /// How many applied update ids are remembered.
+    pub fn remembered_updates(&self) -> usize {
+        self.remembered.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     pub fn flush(&self) -> Result<(), StoreError> {

@@ -341,6 +341,18 @@ pub struct Status {
     pub refdb: RefDbState,
     pub started_ms: u64,
     pub ts_ms: u64,
+    /// Set when the reference DB could not be opened at start-up and was
+    /// moved aside (`refdb.on_corrupt = "reset"`); an addition to v1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refdb_reset: Option<RefDbReset>,
+}
+
+/// Why and where the broken reference DB went.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RefDbReset {
+    pub reason: String,
+    pub moved_to: String,
+    pub ts_ms: u64,
 }
 
 /// The Last Will: `{state: "offline", device_id, boot_id}`.
@@ -390,6 +402,97 @@ pub struct Metrics {
     pub mean_batch: f64,
     pub throughput_cps: f64,
     pub latency_us: StageLatencies,
+}
+
+/// `{key_id, sig, body}`: a signed reference-DB update. `sig` is the
+/// Ed25519 signature of exactly the bytes of `body`, a MessagePack
+/// [`RefUpdate`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SignedUpdate {
+    pub key_id: String,
+    pub sig: Bytes,
+    pub body: Bytes,
+}
+
+/// A versioned change to the reference DB (the `body` of a SignedUpdate).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RefUpdate {
+    pub update_id: String,
+    pub fleet: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<String>,
+    /// `None` (nil on the wire): apply unconditionally.
+    #[serde(default)]
+    pub base_version: Option<u64>,
+    pub version: u64,
+    pub issued_ms: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_ms: Option<u64>,
+    pub ops: Vec<UpdateOp>,
+}
+
+/// One operation of a RefUpdate, named by its `op` field.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum UpdateOp {
+    /// Exactly one of `image` (embedded by the agent) or `embedding` (with
+    /// the `model_fingerprint` that computed it).
+    Upsert {
+        ref_id: String,
+        label: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        image: Option<Bytes>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        embedding: Option<Vec<f32>>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        model_fingerprint: Option<String>,
+    },
+    Delete {
+        ref_id: String,
+    },
+    DeleteLabel {
+        label: String,
+    },
+    Clear,
+}
+
+/// How an update was handled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UpdateStatus {
+    Applied,
+    Duplicate,
+    Rejected,
+    Expired,
+    Stale,
+    Gap,
+}
+
+impl UpdateStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Applied => "applied",
+            Self::Duplicate => "duplicate",
+            Self::Rejected => "rejected",
+            Self::Expired => "expired",
+            Self::Stale => "stale",
+            Self::Gap => "gap",
+        }
+    }
+}
+
+/// `{update_id, status, reason?, version, digest, refs, labels}`: the DB
+/// after handling an update. `update_id` is null when it could not be read.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct UpdateAck {
+    pub update_id: Option<String>,
+    pub status: UpdateStatus,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    pub version: u64,
+    pub digest: String,
+    pub refs: u64,
+    pub labels: u64,
 }
 
 #[cfg(test)]

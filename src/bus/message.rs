@@ -1,0 +1,52 @@
+//! The messages the bus exchanges with the rest of the agent: what arrives
+//! ([`Incoming`], with the [`AckToken`] that acknowledges it), what leaves
+//! ([`Outbound`], via [`ToBus`]), and where crop requests go
+//! ([`RequestSink`]). The bus owns these so that nothing it depends on has
+//! to know the bus.
+
+use std::time::Instant;
+
+/// How to acknowledge a received message once it is answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AckToken {
+    pub pkid: u16,
+    pub qos: u8,
+    /// Arrival order on this connection.
+    pub seq: u64,
+    /// Which connection it arrived on.
+    pub generation: u32,
+}
+
+/// A message as received from the bus.
+#[derive(Debug)]
+pub struct Incoming {
+    pub payload: bytes::Bytes,
+    pub received: Instant,
+    /// Set for QoS 1/2 messages: acknowledged once answered (or dropped).
+    pub ack: Option<AckToken>,
+}
+
+/// A message for the bus to publish, with the request to acknowledge after.
+#[derive(Debug, Clone)]
+pub struct Outbound {
+    pub topic: String,
+    pub payload: Vec<u8>,
+    pub qos: u8,
+    pub retain: bool,
+    pub ack: Option<AckToken>,
+}
+
+/// What the bus's publisher is asked to do, in order.
+#[derive(Debug)]
+pub enum ToBus {
+    Send(Outbound),
+    /// Answered once every earlier message was handed to the MQTT client.
+    Flush(tokio::sync::oneshot::Sender<()>),
+}
+
+/// Takes crop requests from the bus without blocking it (the pipeline).
+pub trait RequestSink: Send + Sync {
+    /// Queues `msg`; a message that cannot be queued is the sink's to
+    /// report and acknowledge.
+    fn submit(&self, msg: Incoming);
+}

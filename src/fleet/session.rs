@@ -1,0 +1,258 @@
+//! The agent's second MQTT session, for reference-DB updates only.
+//!
+//! MQTT acknowledges QoS 1 messages in arrival order per session, and the
+//! agent acknowledges a message only once it is answered. On the crop
+//! session a 500-image update would hold back every crop PUBACK behind it;
+//! on a session of its own (client id `{client_id}-refdb`, persistent, so
+//! updates published while the agent is offline still arrive) it holds
+//! back only later updates, which must wait for it anyway. Updates are
+//! handled one at a time, in arrival order; each is acknowledged to the
+//! broker after its UpdateAck has been handed to the MQTT client.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rumqttc::{AsyncClient, Event, EventLoop, NetworkOptions, Packet, Publish, QoS};
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+use tracing::{debug, info, warn};
+
+use crate::bus::{Outbound, StatusSource, ToBus, Topics};
+use crate::config::{Encoding, LoadedConfig};
+use crate::protocol::{self, AgentState};
+
+use super::receiver::{Outcome, UpdateReceiver};
+
+/// The running update session: its connection task and its worker.
+pub struct UpdateSession {
+    client: AsyncClient,
+    subscribed: watch::Receiver<bool>,
+    stopping: watch::Sender<bool>,
+    event_loop: JoinHandle<()>,
+    worker: JoinHandle<()>,
+}
+
+/// What the worker needs besides the receiver.
+struct Worker {
+    client: AsyncClient,
+    receiver: Arc<UpdateReceiver>,
+    ack_topic: String,
+    status_topic: String,
+    status: Arc<StatusSource>,
+    out: mpsc::Sender<ToBus>,
+    encoding: Encoding,
+    generation: Arc<AtomicU64>,
+}
+
+impl UpdateSession {
+    /// Connects (in the background; an unreachable broker is retried) and
+    /// starts handling updates.
+    pub fn start(
+        cfg: &LoadedConfig,
+        topics: &Topics,
+        receiver: Arc<UpdateReceiver>,
+        status: Arc<StatusSource>,
+        out: mpsc::Sender<ToBus>,
+    ) -> anyhow::Result<Self> {
+        let options =
+            crate::bus::connection_options(cfg, format!("{}-refdb", crate::bus::client_id(cfg)))?;
+        let (client, eventloop) = AsyncClient::new(options, 64);
+        let (stopping_tx, stopping_rx) = watch::channel(false);
+        let (tx, rx) = mpsc::unbounded_channel();
+        let generation = Arc::new(AtomicU64::new(0));
+        let (subscribed_tx, subscribed) = watch::channel(false);
+        let subscriptions = vec![
+            rumqttc::SubscribeFilter::new(topics.fleet_refdb.clone(), QoS::AtLeastOnce),
+            rumqttc::SubscribeFilter::new(topics.device_refdb.clone(), QoS::AtLeastOnce),
+        ];
+        let c = &cfg.config.bus;
+        let event_loop = tokio::spawn(connection_loop(
+            eventloop,
+            client.clone(),
+            subscriptions,
+            tx,
+            generation.clone(),
+            subscribed_tx,
+            stopping_rx,
+            (
+                Duration::from_millis(c.reconnect_min_ms),
+                Duration::from_millis(c.reconnect_max_ms),
+            ),
+        ));
+        let worker = tokio::spawn(
+            Worker {
+                client: client.clone(),
+                receiver,
+                ack_topic: topics.refdb_ack.clone(),
+                status_topic: topics.status.clone(),
+                status,
+                out,
+                encoding: c.encoding,
+                generation,
+            }
+            .run(rx),
+        );
+        Ok(Self {
+            client,
+            subscribed,
+            stopping: stopping_tx,
+            event_loop,
+            worker,
+        })
+    }
+
+    /// Waits until the broker has acknowledged the update subscriptions
+    /// (so updates published from now on reach this agent), at most
+    /// `timeout`; false when it has not.
+    pub async fn wait_subscribed(&self, timeout: Duration) -> bool {
+        let mut rx = self.subscribed.clone();
+        tokio::time::timeout(timeout, rx.wait_for(|s| *s))
+            .await
+            .is_ok_and(|r| r.is_ok())
+    }
+
+    /// Stops taking updates, lets the one being handled finish (up to
+    /// `timeout`), and disconnects. Updates not acknowledged yet stay with
+    /// the broker for the next start.
+    pub async fn stop(self, timeout: Duration) {
+        let _ = self.stopping.send(true);
+        let mut worker = self.worker;
+        if tokio::time::timeout(timeout, &mut worker).await.is_err() {
+            warn!("the reference-DB update in progress did not finish in time");
+            worker.abort();
+        }
+        let _ = self.client.try_disconnect();
+        let mut event_loop = self.event_loop;
+        if tokio::time::timeout(Duration::from_secs(2), &mut event_loop)
+            .await
+            .is_err()
+        {
+            event_loop.abort();
+        }
+    }
+}
+
+async fn connection_loop(
+    mut eventloop: EventLoop,
+    client: AsyncClient,
+    subscriptions: Vec<rumqttc::SubscribeFilter>,
+    tx: mpsc::UnboundedSender<(Publish, u64)>,
+    generation: Arc<AtomicU64>,
+    subscribed: watch::Sender<bool>,
+    mut stopping: watch::Receiver<bool>,
+    (min, max): (Duration, Duration),
+) {
+    let mut network = NetworkOptions::new();
+    network.set_tcp_nodelay(true);
+    network.set_connection_timeout(10);
+    eventloop.set_network_options(network);
+    let mut backoff = min;
+    loop {
+        let polled = tokio::select! {
+            p = eventloop.poll() => p,
+            _ = stopping.changed() => {
+                if *stopping.borrow() {
+                    // Keep polling briefly so the DISCONNECT goes out.
+                    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+                        while eventloop.poll().await.is_ok() {}
+                    }).await;
+                    break;
+                }
+                continue;
+            }
+        };
+        match polled {
+            Ok(Event::Incoming(Packet::ConnAck(ack))) => {
+                backoff = min;
+                generation.fetch_add(1, Ordering::AcqRel);
+                info!(
+                    session_present = ack.session_present,
+                    "update session connected"
+                );
+                if let Err(e) = client.try_subscribe_many(subscriptions.clone()) {
+                    warn!("cannot queue the update subscriptions: {e}");
+                }
+            }
+            Ok(Event::Incoming(Packet::SubAck(_))) => {
+                let _ = subscribed.send(true);
+            }
+            Ok(Event::Incoming(Packet::Publish(p))) => {
+                if *stopping.borrow() {
+                    continue;
+                }
+                let g = generation.load(Ordering::Acquire);
+                if tx.send((p, g)).is_err() {
+                    break;
+                }
+            }
+            Ok(_) => {}
+            Err(e) => {
+                let _ = subscribed.send(false);
+                if *stopping.borrow() {
+                    break;
+                }
+                warn!(
+                    retry_in_ms = backoff.as_millis() as u64,
+                    "update session: broker connection failed: {e}"
+                );
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = stopping.changed() => {}
+                }
+                backoff = (backoff * 2).min(max);
+            }
+        }
+    }
+    debug!("update session closed");
+}
+
+impl Worker {
+    async fn run(self, mut rx: mpsc::UnboundedReceiver<(Publish, u64)>) {
+        while let Some((publish, generation)) = rx.recv().await {
+            let receiver = self.receiver.clone();
+            let payload = publish.payload.clone();
+            let now = crate::clock::now_ms();
+            let outcome =
+                match tokio::task::spawn_blocking(move || receiver.handle(&payload, now)).await {
+                    Ok(o) => o,
+                    Err(e) => {
+                        tracing::error!("update handling panicked: {e}");
+                        Outcome::Retry
+                    }
+                };
+            match outcome {
+                Outcome::Retry => continue,
+                Outcome::Ignored => {}
+                Outcome::Ack { ack, changed } => {
+                    let payload = protocol::encode(&ack, self.encoding);
+                    if let Err(e) = self
+                        .client
+                        .publish(&self.ack_topic, QoS::AtLeastOnce, false, payload)
+                        .await
+                    {
+                        warn!("cannot publish the update ack: {e}");
+                        continue;
+                    }
+                    if changed {
+                        let status = Outbound {
+                            topic: self.status_topic.clone(),
+                            payload: self.status.status_payload(AgentState::Online),
+                            qos: 1,
+                            retain: true,
+                            ack: None,
+                        };
+                        let _ = self.out.send(ToBus::Send(status)).await;
+                    }
+                }
+            }
+            if publish.qos != QoS::AtMostOnce
+                && generation == self.generation.load(Ordering::Acquire)
+            {
+                if let Err(e) = self.client.ack(&publish).await {
+                    warn!("cannot acknowledge the update to the broker: {e}");
+                }
+            }
+        }
+    }
+}
