@@ -88,8 +88,7 @@ fn every_rule_of_the_handling_order_gets_the_contracts_ack_and_stores_nothing_el
         let ack = next_ack(&mut c, "dev-a", t).await.expect("ack of u1");
         version = 1;
         assert_ack(&ack, Some("u1"), "applied", version, &content, "u1");
-        let st = wait_online(&mut c, "dev-a", t).await;
-        assert_eq!(st["refdb"]["version"], 1, "the Status is republished after a change");
+        let st = wait_status_version(broker.port, "dev-a", 1).await;
         assert_eq!(st["refdb"]["digest"], content.digest());
 
         // Rule 1: random bytes; an envelope that is not one; bad signature; unknown key.
@@ -178,8 +177,7 @@ fn every_rule_of_the_handling_order_gets_the_contracts_ack_and_stores_nothing_el
         c.publish(&fleet_topic, 1, snap.signed(&k1, "k1")).await;
         let ack = next_ack(&mut c, "dev-a", t).await.expect("ack of the snapshot");
         assert_ack(&ack, Some("u-snap"), "applied", 10, &content, "snapshot");
-        let st = wait_online(&mut c, "dev-a", t).await;
-        assert_eq!(st["refdb"]["version"], 10);
+        let st = wait_status_version(broker.port, "dev-a", 10).await;
         assert_eq!(st["refdb"]["digest"], content.digest());
         assert_eq!(st["refdb"]["refs"], 1);
     });
@@ -374,60 +372,58 @@ fn the_operator_cli_keeps_a_fleet_identical_and_its_exit_codes_tell_what_happene
             &format!("[bus]\nport = {}\nreconnect_min_ms = 50\n[metrics]\ninterval_s = 1\n{section}", broker.port),
         )
     };
-    let (h1, h2, op) = (home("dev-1"), home("dev-2"), home("operator"));
+    let (h1, h2, h3, op) = (home("dev-1"), home("dev-2"), home("dev-3"), home("operator"));
     let cfg = op.config_path.clone();
     let key = private.to_str().unwrap();
     let _a1 = AgentProcess::start(&h1);
     let mut a2 = AgentProcess::start(&h2);
+    let _a3 = AgentProcess::start(&h3);
     rt().block_on(async {
         let mut c = TestClient::connect(broker.port, "cli-watch", &["ror/+/status"]).await;
-        wait_online(&mut c, "dev-1", Duration::from_secs(30)).await;
-        wait_online(&mut c, "dev-2", Duration::from_secs(30)).await;
+        wait_all_online(&mut c, &["dev-1", "dev-2", "dev-3"], Duration::from_secs(30)).await;
     });
 
     let (code, v) = status_json(&cfg);
     assert_eq!(code, 0, "{v}");
-    assert_eq!(v["online"], 2);
+    assert_eq!(v["online"], 3);
     assert!(v["diverging"].as_array().unwrap().is_empty());
 
     // Push images, then centrally computed embeddings in chunks of 5.
     let refs = refs_dir(3, 4);
     let (code, out, err) = fleet_cli(&cfg, &["push", "--refs", refs.path().to_str().unwrap(), "--key", key]);
     assert_eq!(code, 0, "push: {out}\n{err}");
-    assert!(out.contains("2 of 2 device(s) applied all 1 update(s)"), "{out}");
+    assert!(out.contains("3 of 3 device(s) applied all 1 update(s)"), "{out}");
     let more = refs_dir(5, 3);
     let (code, out, err) = fleet_cli(&cfg, &["push", "--refs", more.path().to_str().unwrap(), "--embed", "--chunk", "5", "--key", key, "--json"]);
     assert_eq!(code, 0, "push --embed: {out}\n{err}");
     let report: Value = serde_json::from_str(&out).unwrap();
     assert_eq!(report["updates"].as_array().unwrap().len(), 3, "15 refs in chunks of 5: {report}");
     let devices = report["devices"].as_array().unwrap();
-    assert_eq!(devices.len(), 2);
+    assert_eq!(devices.len(), 3);
     assert_eq!(devices[0]["digest"], devices[1]["digest"]);
+    assert_eq!(devices[0]["digest"], devices[2]["digest"]);
     assert_eq!(devices[0]["version"], 4);
 
-    // dev-2 diverges (an update only it received); status says so.
-    let k = std::fs::read(&private).unwrap();
-    let pair = ring::signature::Ed25519KeyPair::from_pkcs8_maybe_unchecked(&k).unwrap();
-    let mut rogue = Update::new("rogue", FLEET, None, 50, vec![clear()]);
-    rogue.target = Some("dev-2".into());
-    let body = rogue.body();
-    rt().block_on(async {
-        let mut c = TestClient::connect(broker.port, "rogue", &["ror/dev-2/refdb/ack"]).await;
-        c.publish("ror/dev-2/refdb", 1, envelope("ops", pair.sign(&body).as_ref(), &body)).await;
-        let ack = next_ack(&mut c, "dev-2", Duration::from_secs(20)).await.unwrap();
-        assert_eq!(ack["status"], "applied");
-    });
+    // dev-1 and dev-2 get an update of their own; dev-3 now lags and
+    // diverges, and status says so.
+    let one = refs_dir(1, 1);
+    for dev in ["dev-1", "dev-2"] {
+        let (code, out, err) = fleet_cli(&cfg, &["push", "--device", dev, "--refs", one.path().to_str().unwrap(), "--key", key]);
+        assert_eq!(code, 0, "push --device {dev}: {out}\n{err}");
+        assert!(out.contains("1 of 1 device(s) applied"), "{out}");
+    }
     let (code, v) = status_json(&cfg);
     assert_eq!(code, 2, "a diverging device is exit status 2: {v}");
-    assert_eq!(v["diverging"], serde_json::json!(["dev-2"]));
+    assert_eq!(v["diverging"], serde_json::json!(["dev-3"]));
 
-    // A push now chains on the majority version: dev-2 answers gap.
-    let one = refs_dir(1, 1);
-    let (code, out, _) = fleet_cli(&cfg, &["push", "--refs", one.path().to_str().unwrap(), "--key", key]);
+    // A push chains on the majority's version: dev-3 answers gap.
+    let other = refs_dir(2, 1);
+    let (code, out, _) = fleet_cli(&cfg, &["push", "--refs", other.path().to_str().unwrap(), "--key", key]);
     assert_eq!(code, 2, "{out}");
-    assert!(out.contains("gap"), "{out}");
+    assert!(out.contains("dev-3                    gap"), "{out}");
+    assert!(out.contains("dev-1                    applied"), "{out}");
 
-    // A snapshot repairs it: both at one digest, the expected one.
+    // A snapshot repairs it: all at one digest, the expected one.
     let all = refs_dir(12, 10);
     let (code, out, err) = fleet_cli(&cfg, &["snapshot", "--refs", all.path().to_str().unwrap(), "--key", key, "--max-bytes", "200000"]);
     assert_eq!(code, 0, "snapshot: {out}\n{err}");
@@ -435,14 +431,14 @@ fn the_operator_cli_keeps_a_fleet_identical_and_its_exit_codes_tell_what_happene
     let (code, v) = status_json(&cfg);
     assert_eq!(code, 0, "{v}");
     let refs_now = |v: &Value| v["devices"].as_array().unwrap().iter().map(|d| d["status"]["refdb"]["refs"].as_u64().unwrap()).collect::<Vec<_>>();
-    assert_eq!(refs_now(&v), vec![120, 120]);
+    assert_eq!(refs_now(&v), vec![120, 120, 120]);
 
     // Delete a label everywhere.
     let (code, out, err) = fleet_cli(&cfg, &["delete", "--label", "acme-cola-330ml", "--key", key]);
     assert_eq!(code, 0, "delete: {out}\n{err}");
     let (code, v) = status_json(&cfg);
     assert_eq!(code, 0);
-    assert_eq!(refs_now(&v), vec![110, 110]);
+    assert_eq!(refs_now(&v), vec![110, 110, 110]);
     assert!(v["devices"][0]["metrics"].is_object(), "metrics are shown: {v}");
 
     // A device that does not answer: exit status 3.

@@ -230,24 +230,35 @@ pub fn device_home(device: &str, fleet: &str, port: u16, keys: &[(&str, &FleetKe
 /// The agent binary running `run` on a home; killed on drop.
 pub struct AgentProcess {
     pub child: Child,
+    log: std::path::PathBuf,
 }
 
 impl AgentProcess {
     pub fn start(home: &AgentHome) -> Self {
+        let log_path = home.path().join("agent.log");
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
-            .open(home.path().join("agent.log"))
+            .open(&log_path)
             .unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_retail-agent"))
             .args(["run", "-c"])
             .arg(&home.config_path)
             .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
             .expect("start retail-agent run");
-        Self { child }
+        Self {
+            child,
+            log: log_path,
+        }
+    }
+
+    /// What the agent logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
     pub fn kill9(&mut self) {
@@ -259,6 +270,14 @@ impl AgentProcess {
 impl Drop for AgentProcess {
     fn drop(&mut self) {
         self.kill9();
+        if std::thread::panicking() {
+            let log = self.log();
+            let tail: Vec<&str> = log.lines().rev().take(30).collect();
+            eprintln!("--- agent log ({}), last lines:", self.log.display());
+            for l in tail.into_iter().rev() {
+                eprintln!("{l}");
+            }
+        }
     }
 }
 
@@ -299,4 +318,48 @@ pub fn db_stats(home: &AgentHome) -> serde_json::Value {
         String::from_utf8_lossy(&out.stderr)
     );
     serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// The retained Status of `device`, read by a new subscriber.
+pub async fn retained_status(port: u16, device: &str) -> serde_json::Value {
+    let topic = format!("ror/{device}/status");
+    let mut c = TestClient::connect(port, &format!("peek-{device}-{}", crate::daemon_support::now_ms()), &[&topic]).await;
+    let payload = c
+        .next_on(&topic, Duration::from_secs(10))
+        .await
+        .unwrap_or_else(|| panic!("no retained Status for {device}"));
+    to_json(&payload)
+}
+
+/// Polls the retained Status of `device` until its DB is at `version`.
+pub async fn wait_status_version(port: u16, device: &str, version: u64) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let st = retained_status(port, device).await;
+        if st["refdb"]["version"] == version {
+            return st;
+        }
+        assert!(Instant::now() < deadline, "{device} never reported version {version}: {st}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Waits until every device in `devices` has published an `online` Status
+/// (on a client subscribed to `ror/+/status`).
+pub async fn wait_all_online(client: &mut TestClient, devices: &[&str], timeout: Duration) {
+    let mut missing: std::collections::BTreeSet<String> =
+        devices.iter().map(|d| format!("ror/{d}/status")).collect();
+    let deadline = Instant::now() + timeout;
+    while !missing.is_empty() {
+        let left = deadline
+            .checked_duration_since(Instant::now())
+            .unwrap_or_else(|| panic!("not online in time: {missing:?}"));
+        let (topic, payload, _) = client
+            .next(left)
+            .await
+            .unwrap_or_else(|| panic!("not online in time: {missing:?}"));
+        if to_json(&payload)["state"] == "online" {
+            missing.remove(&topic);
+        }
+    }
 }
