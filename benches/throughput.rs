@@ -7,12 +7,12 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use retail_agent::protocol::ModelRef;
+use retail_agent::bus::{Incoming, ToBus};
 use retail_agent::config::{Encoding, LoadedConfig, OverflowPolicy, PipelineConfig};
 use retail_agent::engine::{Engine, EngineOutput};
 use retail_agent::metrics::Metrics;
-use retail_agent::bus::{Incoming, ToBus};
 use retail_agent::pipeline::{Pipeline, PipelineContext};
+use retail_agent::protocol::ModelRef;
 use retail_agent::recognizer::{engine_options, open_refdb, Recognizer};
 use retail_agent::vision::decode::{decode_image, DecodeLimits};
 use retail_agent::vision::preprocess::Preprocessor;

@@ -493,7 +493,9 @@ impl LoadedConfig {
             return bad("limits.* must be at least 1");
         }
         if let Err(e) = crate::fleet::keys::TrustedKeys::parse(&c.fleet_updates.trusted_keys) {
-            return Err(ConfigError::Invalid(format!("fleet_updates.trusted_keys: {e}")));
+            return Err(ConfigError::Invalid(format!(
+                "fleet_updates.trusted_keys: {e}"
+            )));
         }
         if c.fleet_updates.remember_updates == 0 {
             return bad("fleet_updates.remember_updates must be at least 1");

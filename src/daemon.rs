@@ -14,16 +14,16 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
-use crate::protocol::{self, AgentState, ModelRef};
 use crate::bus::{self, EventLoopTask, PublisherTask, StatusSource, Topics};
-use crate::config::LoadedConfig;
-use crate::metrics::Metrics;
 use crate::bus::{Outbound, ToBus};
-use crate::pipeline::{Pipeline, PipelineContext};
+use crate::config::LoadedConfig;
 use crate::fleet::keys::TrustedKeys;
 use crate::fleet::rules::{Identity, ModelIdentity};
 use crate::fleet::session::UpdateSession;
 use crate::fleet::UpdateReceiver;
+use crate::metrics::Metrics;
+use crate::pipeline::{Pipeline, PipelineContext};
+use crate::protocol::{self, AgentState, ModelRef};
 use crate::recognizer::{open_refdb_recovering, Recognizer};
 use crate::refdb::RefDb;
 use crate::vision::DecodeLimits;
@@ -120,7 +120,9 @@ impl Agent {
         let pipeline =
             Arc::new(Pipeline::start(ctx, engine, &c.pipeline).context("starting the pipeline")?);
         if keys.is_empty() {
-            warn!("fleet_updates.trusted_keys is empty: every reference-DB update will be rejected");
+            warn!(
+                "fleet_updates.trusted_keys is empty: every reference-DB update will be rejected"
+            );
         }
         let updates = UpdateSession::start(
             &cfg,

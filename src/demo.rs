@@ -18,9 +18,9 @@ use image::{ImageFormat, RgbImage};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use serde_json::json;
 
-use crate::protocol::{self, ErrorReport, ItemDecision, RecognitionResult};
 use crate::config::{Encoding, LoadedConfig};
 use crate::daemon::Agent;
+use crate::protocol::{self, ErrorReport, ItemDecision, RecognitionResult};
 use crate::recognizer::{open_refdb, Recognizer};
 use crate::refdb::{DbMeta, NewRef, RefDb, RefOp};
 

@@ -113,9 +113,7 @@ pub fn open_refdb_recovering(
         Err(e) if e.is_corrupt() && cfg.config.refdb.on_corrupt == OnCorrupt::Reset => e,
         Err(e) => {
             if e.is_corrupt() {
-                tracing::error!(
-                    "reference DB is corrupt and refdb.on_corrupt = \"fail\": {e}"
-                );
+                tracing::error!("reference DB is corrupt and refdb.on_corrupt = \"fail\": {e}");
             }
             return Err(e);
         }
@@ -126,7 +124,10 @@ pub fn open_refdb_recovering(
     std::fs::rename(&dir, &aside).map_err(|e| {
         RefDbError::Store(crate::refdb::StoreError::Open {
             path: dir.clone(),
-            message: format!("corrupt ({err}), and it cannot be moved aside to {}: {e}", aside.display()),
+            message: format!(
+                "corrupt ({err}), and it cannot be moved aside to {}: {e}",
+                aside.display()
+            ),
             corrupt: true,
         })
     })?;

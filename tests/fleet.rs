@@ -35,26 +35,46 @@ fn model_dim(home: &AgentHome) -> usize {
         .dim
 }
 
-fn assert_ack(ack: &Value, id: Option<&str>, status: &str, version: u64, content: &Content, what: &str) {
+fn assert_ack(
+    ack: &Value,
+    id: Option<&str>,
+    status: &str,
+    version: u64,
+    content: &Content,
+    what: &str,
+) {
     assert_eq!(ack["status"], status, "{what}: status in {ack}");
     match id {
         Some(id) => assert_eq!(ack["update_id"], id, "{what}: update_id in {ack}"),
-        None => assert!(ack["update_id"].is_null(), "{what}: update_id must be null in {ack}"),
+        None => assert!(
+            ack["update_id"].is_null(),
+            "{what}: update_id must be null in {ack}"
+        ),
     }
     assert_eq!(ack["version"], version, "{what}: version in {ack}");
     assert_eq!(ack["digest"], content.digest(), "{what}: digest in {ack}");
     assert_eq!(ack["refs"], content.0.len() as u64, "{what}: refs in {ack}");
     if status == "applied" {
-        assert!(ack.get("reason").is_none(), "{what}: an applied ack has no reason: {ack}");
+        assert!(
+            ack.get("reason").is_none(),
+            "{what}: an applied ack has no reason: {ack}"
+        );
     } else {
-        assert!(ack["reason"].is_string(), "{what}: a reason is given: {ack}");
+        assert!(
+            ack["reason"].is_string(),
+            "{what}: a reason is given: {ack}"
+        );
     }
 }
 
 #[test]
 fn every_rule_of_the_handling_order_gets_the_contracts_ack_and_stores_nothing_else() {
     let broker = Mosquitto::start("");
-    let (k1, k2, stranger) = (FleetKey::generate(), FleetKey::generate(), FleetKey::generate());
+    let (k1, k2, stranger) = (
+        FleetKey::generate(),
+        FleetKey::generate(),
+        FleetKey::generate(),
+    );
     let home = device_home("dev-a", FLEET, broker.port, &[("k1", &k1), ("k2", &k2)], "");
     let dim = model_dim(&home);
     let fp = model_fingerprint();
@@ -94,25 +114,57 @@ fn every_rule_of_the_handling_order_gets_the_contracts_ack_and_stores_nothing_el
         // Rule 1: random bytes; an envelope that is not one; bad signature; unknown key.
         let cases: Vec<(&str, Vec<u8>, Option<&str>)> = vec![
             ("random bytes", vec![0x13, 0x37, 0xff, 0x00, 0x42], None),
-            ("a map that is no envelope", encode(&rmpv::Value::Map(vec![(rmpv::Value::from("key_id"), rmpv::Value::from(5))])), None),
-            ("bad signature", {
-                let u = Update::new("u-badsig", FLEET, Some(1), 2, vec![clear()]);
-                let body = u.body();
-                let mut sig = k1.sign(&body);
-                sig[0] ^= 0x80;
-                envelope("k1", &sig, &body)
-            }, Some("u-badsig")),
-            ("signed by an untrusted key", Update::new("u-stranger", FLEET, Some(1), 2, vec![clear()]).signed(&stranger, "k1"), Some("u-stranger")),
-            ("unknown key id", Update::new("u-unknown-key", FLEET, Some(1), 2, vec![clear()]).signed(&k1, "k9"), Some("u-unknown-key")),
-            ("signed body that is no RefUpdate", {
-                let body = encode(&rmpv::Value::Map(vec![(rmpv::Value::from("update_id"), rmpv::Value::from("u-shape")), (rmpv::Value::from("version"), rmpv::Value::from("two"))]));
-                envelope("k1", &k1.sign(&body), &body)
-            }, Some("u-shape")),
-            ("wrong fleet", Update::new("u-south", "south", Some(1), 2, vec![clear()]).signed(&k1, "k1"), Some("u-south")),
+            (
+                "a map that is no envelope",
+                encode(&rmpv::Value::Map(vec![(
+                    rmpv::Value::from("key_id"),
+                    rmpv::Value::from(5),
+                )])),
+                None,
+            ),
+            (
+                "bad signature",
+                {
+                    let u = Update::new("u-badsig", FLEET, Some(1), 2, vec![clear()]);
+                    let body = u.body();
+                    let mut sig = k1.sign(&body);
+                    sig[0] ^= 0x80;
+                    envelope("k1", &sig, &body)
+                },
+                Some("u-badsig"),
+            ),
+            (
+                "signed by an untrusted key",
+                Update::new("u-stranger", FLEET, Some(1), 2, vec![clear()]).signed(&stranger, "k1"),
+                Some("u-stranger"),
+            ),
+            (
+                "unknown key id",
+                Update::new("u-unknown-key", FLEET, Some(1), 2, vec![clear()]).signed(&k1, "k9"),
+                Some("u-unknown-key"),
+            ),
+            (
+                "signed body that is no RefUpdate",
+                {
+                    let body = encode(&rmpv::Value::Map(vec![
+                        (rmpv::Value::from("update_id"), rmpv::Value::from("u-shape")),
+                        (rmpv::Value::from("version"), rmpv::Value::from("two")),
+                    ]));
+                    envelope("k1", &k1.sign(&body), &body)
+                },
+                Some("u-shape"),
+            ),
+            (
+                "wrong fleet",
+                Update::new("u-south", "south", Some(1), 2, vec![clear()]).signed(&k1, "k1"),
+                Some("u-south"),
+            ),
         ];
         for (what, payload, id) in cases {
             c.publish(&fleet_topic, 1, payload).await;
-            let ack = next_ack(&mut c, "dev-a", t).await.unwrap_or_else(|| panic!("{what}: no ack"));
+            let ack = next_ack(&mut c, "dev-a", t)
+                .await
+                .unwrap_or_else(|| panic!("{what}: no ack"));
             assert_ack(&ack, id, "rejected", version, &content, what);
         }
 
@@ -134,17 +186,60 @@ fn every_rule_of_the_handling_order_gets_the_contracts_ack_and_stores_nothing_el
                 upsert_image("bad/1", "bad", b"\xff\xd8\xff this is no JPEG"),
             ],
         );
-        let other_model = Update::new("u-fp", FLEET, Some(1), 2, vec![upsert_embedding("e/1", "e", &vec![0.1; dim], "0123456789abcdef")]);
-        let other_dim = Update::new("u-dim", FLEET, Some(1), 2, vec![upsert_embedding("e/1", "e", &vec![0.1; dim + 1], &fp)]);
+        let other_model = Update::new(
+            "u-fp",
+            FLEET,
+            Some(1),
+            2,
+            vec![upsert_embedding(
+                "e/1",
+                "e",
+                &vec![0.1; dim],
+                "0123456789abcdef",
+            )],
+        );
+        let other_dim = Update::new(
+            "u-dim",
+            FLEET,
+            Some(1),
+            2,
+            vec![upsert_embedding("e/1", "e", &vec![0.1; dim + 1], &fp)],
+        );
         let bad_op = Update::new("u-badop", FLEET, Some(1), 2, vec![delete("")]);
-        let unknown_op = Update::new("u-unknown-op", FLEET, Some(1), 2, vec![encode_op_named("explode")]);
+        let unknown_op = Update::new(
+            "u-unknown-op",
+            FLEET,
+            Some(1),
+            2,
+            vec![encode_op_named("explode")],
+        );
         let cases: Vec<(&str, Update, &str)> = vec![
-            ("replay", Update::new("u1", FLEET, Some(0), 1, vec![clear()]), "duplicate"),
-            ("replay with a new version", Update::new("u1", FLEET, Some(1), 7, vec![clear()]), "duplicate"),
+            (
+                "replay",
+                Update::new("u1", FLEET, Some(0), 1, vec![clear()]),
+                "duplicate",
+            ),
+            (
+                "replay with a new version",
+                Update::new("u1", FLEET, Some(1), 7, vec![clear()]),
+                "duplicate",
+            ),
             ("expired", expired, "expired"),
-            ("stale", Update::new("u-stale", FLEET, Some(0), 1, vec![clear()]), "stale"),
-            ("stale without base", Update::new("u-stale2", FLEET, None, 1, vec![clear()]), "stale"),
-            ("gap", Update::new("u-gap", FLEET, Some(5), 6, vec![clear()]), "gap"),
+            (
+                "stale",
+                Update::new("u-stale", FLEET, Some(0), 1, vec![clear()]),
+                "stale",
+            ),
+            (
+                "stale without base",
+                Update::new("u-stale2", FLEET, None, 1, vec![clear()]),
+                "stale",
+            ),
+            (
+                "gap",
+                Update::new("u-gap", FLEET, Some(5), 6, vec![clear()]),
+                "gap",
+            ),
             ("undecodable image", undecodable, "rejected"),
             ("embedding of another model", other_model, "rejected"),
             ("embedding of another dimension", other_dim, "rejected"),
@@ -153,29 +248,62 @@ fn every_rule_of_the_handling_order_gets_the_contracts_ack_and_stores_nothing_el
         ];
         for (what, u, status) in cases {
             c.publish(dev_topic, 1, u.signed(&k1, "k1")).await;
-            let ack = next_ack(&mut c, "dev-a", t).await.unwrap_or_else(|| panic!("{what}: no ack"));
+            let ack = next_ack(&mut c, "dev-a", t)
+                .await
+                .unwrap_or_else(|| panic!("{what}: no ack"));
             assert_ack(&ack, Some(&u.update_id), status, version, &content, what);
         }
 
         // Applied: an embedding upsert of the running model, signed with the
         // second key (rotation), sent as a JSON envelope on the device topic.
         let e: Vec<f32> = (0..dim).map(|i| (i as f32 * 0.37).sin()).collect();
-        let mut u2 = Update::new("u2", FLEET, Some(1), 2, vec![upsert_embedding("emb/1", "emb", &e, &fp), delete(&format!("{}/{}", images[0].0, images[0].1))]);
+        let mut u2 = Update::new(
+            "u2",
+            FLEET,
+            Some(1),
+            2,
+            vec![
+                upsert_embedding("emb/1", "emb", &e, &fp),
+                delete(&format!("{}/{}", images[0].0, images[0].1)),
+            ],
+        );
         u2.target = Some("dev-a".into());
         content.embedding("emb/1", "emb", &e);
-        content.0.remove(&format!("{}/{}", images[0].0, images[0].1));
+        content
+            .0
+            .remove(&format!("{}/{}", images[0].0, images[0].1));
         let body = u2.body();
-        c.publish(dev_topic, 1, envelope_json("k2", &k2.sign(&body), &body)).await;
+        c.publish(dev_topic, 1, envelope_json("k2", &k2.sign(&body), &body))
+            .await;
         let ack = next_ack(&mut c, "dev-a", t).await.expect("ack of u2");
         version = 2;
-        assert_ack(&ack, Some("u2"), "applied", version, &content, "u2 (second key, JSON)");
+        assert_ack(
+            &ack,
+            Some("u2"),
+            "applied",
+            version,
+            &content,
+            "u2 (second key, JSON)",
+        );
 
         // A snapshot (null base, clear first) replaces everything.
-        let snap = Update::new("u-snap", FLEET, None, 10, vec![clear(), upsert_image("s/1", "s", &images[7].2), delete_label("nothing-here")]);
+        let snap = Update::new(
+            "u-snap",
+            FLEET,
+            None,
+            10,
+            vec![
+                clear(),
+                upsert_image("s/1", "s", &images[7].2),
+                delete_label("nothing-here"),
+            ],
+        );
         content = Content::default();
         content.image("s/1", "s", &images[7].2);
         c.publish(&fleet_topic, 1, snap.signed(&k1, "k1")).await;
-        let ack = next_ack(&mut c, "dev-a", t).await.expect("ack of the snapshot");
+        let ack = next_ack(&mut c, "dev-a", t)
+            .await
+            .expect("ack of the snapshot");
         assert_ack(&ack, Some("u-snap"), "applied", 10, &content, "snapshot");
         let st = wait_status_version(broker.port, "dev-a", 10).await;
         assert_eq!(st["refdb"]["digest"], content.digest());
@@ -190,7 +318,10 @@ fn encode_op_named(name: &str) -> rmpv::Value {
 
 /// The content after each version of the SIGKILL stream: update v upserts
 /// six references `v{v}/{j}` and deletes three of update v-1's.
-fn stream_update(v: u64, images: &[(String, String, Vec<u8>)]) -> (Vec<rmpv::Value>, Vec<(String, String, usize)>, Vec<String>) {
+fn stream_update(
+    v: u64,
+    images: &[(String, String, Vec<u8>)],
+) -> (Vec<rmpv::Value>, Vec<(String, String, usize)>, Vec<String>) {
     let mut ops = Vec::new();
     let mut added = Vec::new();
     let mut removed = Vec::new();
@@ -242,7 +373,11 @@ fn sigkill_in_a_stream_of_updates_never_loses_an_applied_update_nor_half_applies
         seed % n
     };
     let rt = rt();
-    let mut c = rt.block_on(TestClient::connect(broker.port, "kill-watch", &["ror/dev-k/status", "ror/dev-k/refdb/ack"]));
+    let mut c = rt.block_on(TestClient::connect(
+        broker.port,
+        "kill-watch",
+        &["ror/dev-k/status", "ror/dev-k/refdb/ack"],
+    ));
     let mut applied_before_kill = Vec::new();
     for round in 0..ROUNDS {
         let mut agent = AgentProcess::start(&home);
@@ -254,7 +389,11 @@ fn sigkill_in_a_stream_of_updates_never_loses_an_applied_update_nor_half_applies
             loop {
                 let st = wait_online(&mut c, "dev-k", deadline - Instant::now()).await;
                 let v = st["refdb"]["version"].as_u64().unwrap();
-                assert_eq!(st["refdb"]["digest"].as_str().unwrap(), digests[v as usize], "round {round}: Status digest at version {v}");
+                assert_eq!(
+                    st["refdb"]["digest"].as_str().unwrap(),
+                    digests[v as usize],
+                    "round {round}: Status digest at version {v}"
+                );
                 if v == target {
                     break;
                 }
@@ -262,7 +401,8 @@ fn sigkill_in_a_stream_of_updates_never_loses_an_applied_update_nor_half_applies
             }
             while c.next(Duration::from_millis(50)).await.is_some() {}
             for u in &updates[target as usize..(target + PER_ROUND) as usize] {
-                c.publish(&format!("ror/fleet/{FLEET}/refdb"), 1, u.clone()).await;
+                c.publish(&format!("ror/fleet/{FLEET}/refdb"), 1, u.clone())
+                    .await;
             }
             tokio::time::sleep(Duration::from_millis(20 + random(400))).await;
         });
@@ -280,8 +420,15 @@ fn sigkill_in_a_stream_of_updates_never_loses_an_applied_update_nor_half_applies
         });
         let stats = db_stats(&home);
         let v = stats["version"].as_u64().unwrap();
-        assert!(v >= max_applied, "round {round}: update {max_applied} was acked applied but the DB is at {v}");
-        assert_eq!(stats["digest"].as_str().unwrap(), digests[v as usize], "round {round}: the DB at version {v} is not exactly updates 1..={v}");
+        assert!(
+            v >= max_applied,
+            "round {round}: update {max_applied} was acked applied but the DB is at {v}"
+        );
+        assert_eq!(
+            stats["digest"].as_str().unwrap(),
+            digests[v as usize],
+            "round {round}: the DB at version {v} is not exactly updates 1..={v}"
+        );
         applied_before_kill.push((v - target, max_applied.saturating_sub(target)));
     }
     // The last round's leftovers arrive after one more start.
@@ -291,14 +438,23 @@ fn sigkill_in_a_stream_of_updates_never_loses_an_applied_update_nor_half_applies
         loop {
             let st = wait_online(&mut c, "dev-k", deadline - Instant::now()).await;
             if st["refdb"]["version"] == ROUNDS * PER_ROUND {
-                assert_eq!(st["refdb"]["digest"].as_str().unwrap(), digests[(ROUNDS * PER_ROUND) as usize]);
+                assert_eq!(
+                    st["refdb"]["digest"].as_str().unwrap(),
+                    digests[(ROUNDS * PER_ROUND) as usize]
+                );
                 break;
             }
         }
     });
     println!("updates durable / acked applied at each SIGKILL (of {PER_ROUND} sent): {applied_before_kill:?}");
-    let mid_stream = applied_before_kill.iter().filter(|(d, _)| *d > 0 && *d < PER_ROUND).count();
-    assert!(mid_stream >= 3, "too few kills landed mid-stream to prove anything: {applied_before_kill:?}");
+    let mid_stream = applied_before_kill
+        .iter()
+        .filter(|(d, _)| *d > 0 && *d < PER_ROUND)
+        .count();
+    assert!(
+        mid_stream >= 3,
+        "too few kills landed mid-stream to prove anything: {applied_before_kill:?}"
+    );
 }
 
 /// Runs `retail-agent fleet ARGS -c CONFIG`; (exit code, stdout, stderr).
@@ -336,7 +492,8 @@ fn refs_dir(labels: usize, per_label: usize) -> tempfile::TempDir {
 
 fn status_json(config: &std::path::Path) -> (i32, Value) {
     let (code, out, err) = fleet_cli(config, &["status", "--json", "--wait-s", "2"]);
-    let v: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("fleet status --json: {e}: {out}\n{err}"));
+    let v: Value = serde_json::from_str(&out)
+        .unwrap_or_else(|e| panic!("fleet status --json: {e}: {out}\n{err}"));
     (code, v)
 }
 
@@ -350,11 +507,21 @@ fn the_operator_cli_keeps_a_fleet_identical_and_its_exit_codes_tell_what_happene
         .args(["--key-id", "ops"])
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let private = keys.path().join("ops.pk8");
     use std::os::unix::fs::PermissionsExt;
-    assert_eq!(std::fs::metadata(&private).unwrap().permissions().mode() & 0o777, 0o600);
-    let public = std::fs::read_to_string(keys.path().join("ops.pub")).unwrap().trim().to_string();
+    assert_eq!(
+        std::fs::metadata(&private).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    let public = std::fs::read_to_string(keys.path().join("ops.pub"))
+        .unwrap()
+        .trim()
+        .to_string();
     assert_eq!(public.len(), 64);
     assert!(String::from_utf8_lossy(&out.stdout).contains(&format!("ops = \"{public}\"")));
     let again = std::process::Command::new(env!("CARGO_BIN_EXE_retail-agent"))
@@ -363,16 +530,27 @@ fn the_operator_cli_keeps_a_fleet_identical_and_its_exit_codes_tell_what_happene
         .args(["--key-id", "ops"])
         .output()
         .unwrap();
-    assert!(!again.status.success(), "an existing key is never overwritten");
+    assert!(
+        !again.status.success(),
+        "an existing key is never overwritten"
+    );
 
     let section = format!("[fleet_updates.trusted_keys]\nops = \"{public}\"\n");
     let home = |dev: &str| {
         AgentHome::new(
             &format!("device_id = \"{dev}\"\nfleet = \"{FLEET}\""),
-            &format!("[bus]\nport = {}\nreconnect_min_ms = 50\n[metrics]\ninterval_s = 1\n{section}", broker.port),
+            &format!(
+                "[bus]\nport = {}\nreconnect_min_ms = 50\n[metrics]\ninterval_s = 1\n{section}",
+                broker.port
+            ),
         )
     };
-    let (h1, h2, h3, op) = (home("dev-1"), home("dev-2"), home("dev-3"), home("operator"));
+    let (h1, h2, h3, op) = (
+        home("dev-1"),
+        home("dev-2"),
+        home("dev-3"),
+        home("operator"),
+    );
     let cfg = op.config_path.clone();
     let key = private.to_str().unwrap();
     let _a1 = AgentProcess::start(&h1);
@@ -380,7 +558,12 @@ fn the_operator_cli_keeps_a_fleet_identical_and_its_exit_codes_tell_what_happene
     let _a3 = AgentProcess::start(&h3);
     rt().block_on(async {
         let mut c = TestClient::connect(broker.port, "cli-watch", &["ror/+/status"]).await;
-        wait_all_online(&mut c, &["dev-1", "dev-2", "dev-3"], Duration::from_secs(30)).await;
+        wait_all_online(
+            &mut c,
+            &["dev-1", "dev-2", "dev-3"],
+            Duration::from_secs(30),
+        )
+        .await;
     });
 
     let (code, v) = status_json(&cfg);
@@ -390,14 +573,43 @@ fn the_operator_cli_keeps_a_fleet_identical_and_its_exit_codes_tell_what_happene
 
     // Push images, then centrally computed embeddings in chunks of 5.
     let refs = refs_dir(3, 4);
-    let (code, out, err) = fleet_cli(&cfg, &["push", "--refs", refs.path().to_str().unwrap(), "--key", key]);
+    let (code, out, err) = fleet_cli(
+        &cfg,
+        &[
+            "push",
+            "--refs",
+            refs.path().to_str().unwrap(),
+            "--key",
+            key,
+        ],
+    );
     assert_eq!(code, 0, "push: {out}\n{err}");
-    assert!(out.contains("3 of 3 device(s) applied all 1 update(s)"), "{out}");
+    assert!(
+        out.contains("3 of 3 device(s) applied all 1 update(s)"),
+        "{out}"
+    );
     let more = refs_dir(5, 3);
-    let (code, out, err) = fleet_cli(&cfg, &["push", "--refs", more.path().to_str().unwrap(), "--embed", "--chunk", "5", "--key", key, "--json"]);
+    let (code, out, err) = fleet_cli(
+        &cfg,
+        &[
+            "push",
+            "--refs",
+            more.path().to_str().unwrap(),
+            "--embed",
+            "--chunk",
+            "5",
+            "--key",
+            key,
+            "--json",
+        ],
+    );
     assert_eq!(code, 0, "push --embed: {out}\n{err}");
     let report: Value = serde_json::from_str(&out).unwrap();
-    assert_eq!(report["updates"].as_array().unwrap().len(), 3, "15 refs in chunks of 5: {report}");
+    assert_eq!(
+        report["updates"].as_array().unwrap().len(),
+        3,
+        "15 refs in chunks of 5: {report}"
+    );
     let devices = report["devices"].as_array().unwrap();
     assert_eq!(devices.len(), 3);
     assert_eq!(devices[0]["digest"], devices[1]["digest"]);
@@ -408,7 +620,18 @@ fn the_operator_cli_keeps_a_fleet_identical_and_its_exit_codes_tell_what_happene
     // diverges, and status says so.
     let one = refs_dir(1, 1);
     for dev in ["dev-1", "dev-2"] {
-        let (code, out, err) = fleet_cli(&cfg, &["push", "--device", dev, "--refs", one.path().to_str().unwrap(), "--key", key]);
+        let (code, out, err) = fleet_cli(
+            &cfg,
+            &[
+                "push",
+                "--device",
+                dev,
+                "--refs",
+                one.path().to_str().unwrap(),
+                "--key",
+                key,
+            ],
+        );
         assert_eq!(code, 0, "push --device {dev}: {out}\n{err}");
         assert!(out.contains("1 of 1 device(s) applied"), "{out}");
     }
@@ -418,34 +641,87 @@ fn the_operator_cli_keeps_a_fleet_identical_and_its_exit_codes_tell_what_happene
 
     // A push chains on the majority's version: dev-3 answers gap.
     let other = refs_dir(2, 1);
-    let (code, out, _) = fleet_cli(&cfg, &["push", "--refs", other.path().to_str().unwrap(), "--key", key]);
+    let (code, out, _) = fleet_cli(
+        &cfg,
+        &[
+            "push",
+            "--refs",
+            other.path().to_str().unwrap(),
+            "--key",
+            key,
+        ],
+    );
     assert_eq!(code, 2, "{out}");
     assert!(out.contains("dev-3                    gap"), "{out}");
     assert!(out.contains("dev-1                    applied"), "{out}");
 
     // A snapshot repairs it: all at one digest, the expected one.
     let all = refs_dir(12, 10);
-    let (code, out, err) = fleet_cli(&cfg, &["snapshot", "--refs", all.path().to_str().unwrap(), "--key", key, "--max-bytes", "200000"]);
+    let (code, out, err) = fleet_cli(
+        &cfg,
+        &[
+            "snapshot",
+            "--refs",
+            all.path().to_str().unwrap(),
+            "--key",
+            key,
+            "--max-bytes",
+            "200000",
+        ],
+    );
     assert_eq!(code, 0, "snapshot: {out}\n{err}");
-    assert!(out.contains("matching the snapshot's expected digest"), "{out}");
+    assert!(
+        out.contains("matching the snapshot's expected digest"),
+        "{out}"
+    );
     let (code, v) = status_json(&cfg);
     assert_eq!(code, 0, "{v}");
-    let refs_now = |v: &Value| v["devices"].as_array().unwrap().iter().map(|d| d["status"]["refdb"]["refs"].as_u64().unwrap()).collect::<Vec<_>>();
+    let refs_now = |v: &Value| {
+        v["devices"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| d["status"]["refdb"]["refs"].as_u64().unwrap())
+            .collect::<Vec<_>>()
+    };
     assert_eq!(refs_now(&v), vec![120, 120, 120]);
 
     // Delete a label everywhere.
-    let (code, out, err) = fleet_cli(&cfg, &["delete", "--label", "acme-cola-330ml", "--key", key]);
+    let (code, out, err) = fleet_cli(
+        &cfg,
+        &["delete", "--label", "acme-cola-330ml", "--key", key],
+    );
     assert_eq!(code, 0, "delete: {out}\n{err}");
     let (code, v) = status_json(&cfg);
     assert_eq!(code, 0);
     assert_eq!(refs_now(&v), vec![110, 110, 110]);
-    assert!(v["devices"][0]["metrics"].is_object(), "metrics are shown: {v}");
+    assert!(
+        v["devices"][0]["metrics"].is_object(),
+        "metrics are shown: {v}"
+    );
 
     // A device that does not answer: exit status 3.
     let pid = a2.child.id().to_string();
-    std::process::Command::new("kill").args(["-STOP", &pid]).status().unwrap();
-    let (code, out, _) = fleet_cli(&cfg, &["delete", "--ref", "berry-jam-370g/00.jpg", "--key", key, "--timeout-s", "3"]);
-    std::process::Command::new("kill").args(["-CONT", &pid]).status().unwrap();
+    std::process::Command::new("kill")
+        .args(["-STOP", &pid])
+        .status()
+        .unwrap();
+    let (code, out, _) = fleet_cli(
+        &cfg,
+        &[
+            "delete",
+            "--ref",
+            "berry-jam-370g/00.jpg",
+            "--key",
+            key,
+            "--timeout-s",
+            "3",
+        ],
+    );
+    std::process::Command::new("kill")
+        .args(["-CONT", &pid])
+        .status()
+        .unwrap();
     assert_eq!(code, 3, "{out}");
     assert!(out.contains("no answer"), "{out}");
     let _ = a2.child.id();
@@ -455,7 +731,18 @@ fn the_operator_cli_keeps_a_fleet_identical_and_its_exit_codes_tell_what_happene
     let wk = FleetKey::generate();
     let wrong_key = wrong.path().join("ops.pk8");
     wk.write(&wrong_key);
-    let (code, out, _) = fleet_cli(&cfg, &["delete", "--label", "x", "--key", wrong_key.to_str().unwrap(), "--timeout-s", "20"]);
+    let (code, out, _) = fleet_cli(
+        &cfg,
+        &[
+            "delete",
+            "--label",
+            "x",
+            "--key",
+            wrong_key.to_str().unwrap(),
+            "--timeout-s",
+            "20",
+        ],
+    );
     assert_eq!(code, 2, "{out}");
     assert!(out.contains("rejected"), "{out}");
     a2.kill9();
@@ -470,13 +757,25 @@ fn fifty_agent_processes_converge_on_one_snapshot_broadcast() {
     let key_path = keys.path().join("k1.pk8");
     key.write(&key_path);
     let homes: Vec<AgentHome> = (0..AGENTS)
-        .map(|i| device_home(&format!("dev-{i:02}"), FLEET, broker.port, &[("k1", &key)], ""))
+        .map(|i| {
+            device_home(
+                &format!("dev-{i:02}"),
+                FLEET,
+                broker.port,
+                &[("k1", &key)],
+                "",
+            )
+        })
         .collect();
     for h in &homes {
         // One ONNX Runtime thread and one decode worker each: 50 agents share 2 cores.
         let text = std::fs::read_to_string(&h.config_path).unwrap();
         let text = text.replace("[runtime]\n", "[runtime]\nintra_threads = 1\n");
-        std::fs::write(&h.config_path, format!("{text}\n[pipeline]\ndecode_workers = 1\n")).unwrap();
+        std::fs::write(
+            &h.config_path,
+            format!("{text}\n[pipeline]\ndecode_workers = 1\n"),
+        )
+        .unwrap();
     }
     let op = device_home("operator", FLEET, broker.port, &[("k1", &key)], "");
     let started = Instant::now();
@@ -486,7 +785,9 @@ fn fifty_agent_processes_converge_on_one_snapshot_broadcast() {
         let mut online = std::collections::BTreeSet::new();
         let deadline = Instant::now() + Duration::from_secs(180);
         while online.len() < AGENTS {
-            let left = deadline.checked_duration_since(Instant::now()).expect("agents online in time");
+            let left = deadline
+                .checked_duration_since(Instant::now())
+                .expect("agents online in time");
             let (topic, payload, _) = c.next(left).await.expect("agents online in time");
             let v = to_json(&payload);
             if v["state"] == "online" {
@@ -494,20 +795,46 @@ fn fifty_agent_processes_converge_on_one_snapshot_broadcast() {
             }
         }
     });
-    println!("{AGENTS} agents online {:.1} s after start", started.elapsed().as_secs_f64());
+    println!(
+        "{AGENTS} agents online {:.1} s after start",
+        started.elapsed().as_secs_f64()
+    );
     let refs = refs_dir(12, 4);
     let t = Instant::now();
-    let (code, out, err) = fleet_cli(&op.config_path, &["snapshot", "--refs", refs.path().to_str().unwrap(), "--key", key_path.to_str().unwrap(), "--timeout-s", "300"]);
+    let (code, out, err) = fleet_cli(
+        &op.config_path,
+        &[
+            "snapshot",
+            "--refs",
+            refs.path().to_str().unwrap(),
+            "--key",
+            key_path.to_str().unwrap(),
+            "--timeout-s",
+            "300",
+        ],
+    );
     let converged = t.elapsed();
     assert_eq!(code, 0, "snapshot: {out}\n{err}");
-    assert!(out.contains(&format!("{AGENTS} of {AGENTS} device(s) applied")), "{out}");
-    assert!(out.contains("1 distinct digest(s), matching the snapshot's expected digest"), "{out}");
+    assert!(
+        out.contains(&format!("{AGENTS} of {AGENTS} device(s) applied")),
+        "{out}"
+    );
+    assert!(
+        out.contains("1 distinct digest(s), matching the snapshot's expected digest"),
+        "{out}"
+    );
     println!("snapshot of 48 images broadcast to {AGENTS} agents: all acked applied with one digest in {:.2} s", converged.as_secs_f64());
     let (code, v) = status_json(&op.config_path);
     assert_eq!(code, 0, "{v}");
     assert_eq!(v["online"], AGENTS as u64);
     assert!(v["diverging"].as_array().unwrap().is_empty());
-    let digests: std::collections::BTreeSet<&str> = v["devices"].as_array().unwrap().iter().filter(|d| d["online"] == true).map(|d| d["status"]["refdb"]["digest"].as_str().unwrap()).collect();
+    let digests: std::collections::BTreeSet<&str> = v["devices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|d| d["online"] == true)
+        .map(|d| d["status"]["refdb"]["digest"].as_str().unwrap())
+        .collect();
     assert_eq!(digests.len(), 1);
     assert_eq!(v["majority_digest"].as_str(), digests.first().copied());
 }
@@ -521,7 +848,10 @@ fn p95(v: &mut [f64]) -> f64 {
 fn crops_keep_being_answered_while_an_image_update_is_embedded() {
     let broker = Mosquitto::start("");
     let key = FleetKey::generate();
-    let trusted = format!("[fleet_updates.trusted_keys]\nk1 = \"{}\"\n", key.public_hex());
+    let trusted = format!(
+        "[fleet_updates.trusted_keys]\nk1 = \"{}\"\n",
+        key.public_hex()
+    );
     let home = daemon_support::enrolled_home(
         &format!("device_id = \"dev-l\"\nfleet = \"{FLEET}\""),
         &format!("[bus]\nport = {}\n{trusted}", broker.port),
@@ -597,4 +927,114 @@ fn crops_keep_being_answered_while_an_image_update_is_embedded() {
         );
         assert!(!during.is_empty(), "no crop was answered while the update was embedded");
     });
+}
+
+/// Damages the DB's log in the middle, as a bad flash page would: sled
+/// then opens without an error but without the data.
+fn damage_db(home: &AgentHome) {
+    let db = home.path().join("state/refdb/db");
+    let len = std::fs::metadata(&db).unwrap().len();
+    use std::io::{Seek, Write};
+    let mut f = std::fs::OpenOptions::new().write(true).open(&db).unwrap();
+    f.seek(std::io::SeekFrom::Start(len / 2)).unwrap();
+    f.write_all(&[0xa5; 8192]).unwrap();
+}
+
+#[test]
+fn a_corrupt_db_is_moved_aside_reported_in_the_status_and_restored_by_a_snapshot() {
+    let broker = Mosquitto::start("");
+    let key = FleetKey::generate();
+    let trusted = format!(
+        "[fleet_updates.trusted_keys]\nk1 = \"{}\"\n",
+        key.public_hex()
+    );
+    let home = daemon_support::enrolled_home(
+        &format!("device_id = \"dev-c\"\nfleet = \"{FLEET}\""),
+        &format!(
+            "[bus]\nport = {}\n[refdb]\non_corrupt = \"reset\"\n{trusted}",
+            broker.port
+        ),
+    );
+    damage_db(&home);
+    let agent = AgentProcess::start(&home);
+    let images = reference_images();
+    rt().block_on(async {
+        let mut c = TestClient::connect(
+            broker.port,
+            "watch-c",
+            &["ror/dev-c/status", "ror/dev-c/refdb/ack"],
+        )
+        .await;
+        let st = wait_online(&mut c, "dev-c", Duration::from_secs(30)).await;
+        assert_eq!(st["refdb"]["refs"], 0, "{st}");
+        let reset = &st["refdb_reset"];
+        assert!(
+            reset["reason"].as_str().unwrap().contains("lost data"),
+            "{st}"
+        );
+        let aside = std::path::PathBuf::from(reset["moved_to"].as_str().unwrap());
+        assert!(
+            aside.join("db").exists(),
+            "the broken DB is kept at {}",
+            aside.display()
+        );
+        let errors = agent
+            .log()
+            .lines()
+            .filter(|l| l.contains(" ERROR "))
+            .count();
+        assert_eq!(errors, 1, "one error line says so:\n{}", agent.log());
+        // The fleet's snapshot restores it.
+        let mut content = Content::default();
+        let ops: Vec<_> = images[..4]
+            .iter()
+            .map(|(l, n, b)| {
+                content.image(&format!("{l}/{n}"), l, b);
+                upsert_image(&format!("{l}/{n}"), l, b)
+            })
+            .collect();
+        let snap = Update::new("restore", FLEET, None, 3, [vec![clear()], ops].concat());
+        c.publish("ror/dev-c/refdb", 1, snap.signed(&key, "k1"))
+            .await;
+        let ack = next_ack(&mut c, "dev-c", Duration::from_secs(30))
+            .await
+            .unwrap();
+        assert_ack(
+            &ack,
+            Some("restore"),
+            "applied",
+            3,
+            &content,
+            "snapshot after a reset",
+        );
+    });
+}
+
+#[test]
+fn with_on_corrupt_fail_a_corrupt_db_stops_the_agent_with_one_clear_line() {
+    let home =
+        daemon_support::enrolled_home("device_id = \"dev-f\"", "[refdb]\non_corrupt = \"fail\"\n");
+    damage_db(&home);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_retail-agent"))
+        .args(["run", "-c"])
+        .arg(&home.config_path)
+        .env("RUST_LOG", "error")
+        .env("NO_COLOR", "1")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("corrupt") && stderr.contains("lost data"),
+        "{stderr}"
+    );
+    assert!(
+        home.path().join("state/refdb/db").exists(),
+        "nothing is moved with \"fail\""
+    );
+    let stats = home.cli(&["db", "stats"]);
+    assert!(
+        !stats.status.success(),
+        "db stats refuses the damaged DB too"
+    );
 }

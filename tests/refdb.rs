@@ -244,3 +244,76 @@ fn references_with_a_stored_image_are_re_embedded_for_a_new_model() {
         Some("apple")
     );
 }
+
+#[test]
+fn remembered_update_ids_are_bounded_and_the_oldest_are_pruned_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = settings(2, FP, 0);
+    s.remember_updates = 16;
+    let db = RefDb::open(dir.path(), s.clone()).unwrap();
+    for v in 1..=100u64 {
+        db.apply(
+            vec![emb(&format!("r{v}"), "l", &[1.0, v as f32])],
+            v,
+            Some(&format!("u{v}")),
+        )
+        .unwrap();
+        assert!(
+            db.remembered_updates() <= 16 + 16 / 8,
+            "{} ids remembered after {v} updates",
+            db.remembered_updates()
+        );
+    }
+    assert!(db.was_applied("u100").unwrap() && db.was_applied("u85").unwrap());
+    assert!(!db.was_applied("u1").unwrap(), "the oldest ids are pruned");
+    drop(db);
+    let db = RefDb::open(dir.path(), s).unwrap();
+    assert!(
+        db.remembered_updates() <= 18,
+        "the bound holds across a reopen"
+    );
+    assert!(db.was_applied("u100").unwrap());
+}
+
+#[test]
+fn a_guarded_apply_writes_nothing_when_the_guard_refuses() {
+    use retail_agent::refdb::LedgerView;
+    let dir = tempfile::tempdir().unwrap();
+    let db = RefDb::open(dir.path(), settings(2, FP, 0)).unwrap();
+    db.apply(vec![emb("a", "l", &[1.0, 0.0])], 1, Some("u1"))
+        .unwrap();
+    let before = db.meta();
+    let refused = db
+        .apply_guarded(
+            vec![RefOp::Clear],
+            2,
+            Some("u2"),
+            |view: &dyn LedgerView| {
+                assert_eq!(view.version(), 1);
+                assert!(view.was_applied("u1"));
+                Err("no")
+            },
+        )
+        .unwrap();
+    assert_eq!(refused, Err("no"));
+    assert_eq!(db.meta(), before);
+    assert!(!db.was_applied("u2").unwrap());
+}
+
+#[test]
+fn a_db_that_opens_older_than_it_was_written_is_reported_corrupt() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = RefDb::open(dir.path(), settings(2, FP, 0)).unwrap();
+    db.apply(vec![emb("a", "l", &[1.0, 0.0])], 1, None).unwrap();
+    drop(db);
+    // What sled does with a damaged log: it opens, without the data.
+    let seal = std::fs::read(dir.path().join("retail-agent.seal")).unwrap();
+    std::fs::remove_dir_all(dir.path()).unwrap();
+    std::fs::create_dir_all(dir.path()).unwrap();
+    std::fs::write(dir.path().join("retail-agent.seal"), seal).unwrap();
+    let err = RefDb::open(dir.path(), settings(2, FP, 0))
+        .err()
+        .expect("refused");
+    assert!(err.is_corrupt(), "{err}");
+    assert!(err.to_string().contains("lost data"), "{err}");
+}

@@ -28,10 +28,10 @@ use tracing::{debug, info, warn};
 
 use crate::config::{BusConfig, Encoding, LoadedConfig};
 use crate::metrics::Metrics;
+use crate::protocol::{self, AgentState, ModelRef, RefDbState, Status, StatusPeek, Will};
 use crate::refdb::RefDb;
 pub use acks::AckSequencer;
 pub use message::{AckToken, Incoming, Outbound, RequestSink, ToBus};
-use crate::protocol::{self, AgentState, ModelRef, RefDbState, Status, StatusPeek, Will};
 pub use topics::Topics;
 
 /// Facts the Status message reports.

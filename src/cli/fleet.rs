@@ -172,13 +172,21 @@ fn keygen(out: &Path, key_id: &str) -> anyhow::Result<()> {
         .create_new(true)
         .mode(0o600)
         .open(&private)
-        .with_context(|| format!("creating {} (an existing key is never overwritten)", private.display()))?;
+        .with_context(|| {
+            format!(
+                "creating {} (an existing key is never overwritten)",
+                private.display()
+            )
+        })?;
     f.write_all(&pkcs8)?;
     f.sync_all()?;
     let public = out.join(format!("{key_id}.pub"));
     std::fs::write(&public, format!("{}\n", key.public_key_hex()))
         .with_context(|| format!("writing {}", public.display()))?;
-    println!("private key: {} (mode 0600; keep it off the devices)", private.display());
+    println!(
+        "private key: {} (mode 0600; keep it off the devices)",
+        private.display()
+    );
     println!("public key:  {}", public.display());
     println!();
     println!("Add to every agent's config:");
@@ -425,7 +433,12 @@ fn send_ops(
     })
 }
 
-async fn status(cfg: &LoadedConfig, json: bool, watch: bool, wait: Duration) -> anyhow::Result<ExitCode> {
+async fn status(
+    cfg: &LoadedConfig,
+    json: bool,
+    watch: bool,
+    wait: Duration,
+) -> anyhow::Result<ExitCode> {
     let mut conn = FleetConnection::connect(cfg).await?;
     conn.discover(Duration::from_millis(500), Duration::from_secs(5))
         .await?;
@@ -441,7 +454,10 @@ async fn status(cfg: &LoadedConfig, json: bool, watch: bool, wait: Duration) -> 
         let diverging: Vec<&str> = devices
             .iter()
             .filter(|d| d.online())
-            .filter(|d| d.refdb().map(|r| Some(r.digest.as_str())) != Some(majority.as_ref().map(|m| m.0.as_str())))
+            .filter(|d| {
+                d.refdb().map(|r| Some(r.digest.as_str()))
+                    != Some(majority.as_ref().map(|m| m.0.as_str()))
+            })
             .map(|d| d.device_id.as_str())
             .collect();
         if json {
@@ -499,7 +515,17 @@ async fn status(cfg: &LoadedConfig, json: bool, watch: bool, wait: Duration) -> 
 fn print_status_table(devices: &[&operator::DeviceView], diverging: &[&str]) {
     println!(
         "{:<20} {:<7} {:>7} {:<16} {:>6} {:>6} {:<28} {:<8} {:>8} {:>8} {:>7}  AGREES",
-        "DEVICE", "STATE", "VERSION", "DIGEST", "REFS", "LABELS", "MODEL", "PROVIDER", "CROPS/S", "P95_MS", "DROPPED"
+        "DEVICE",
+        "STATE",
+        "VERSION",
+        "DIGEST",
+        "REFS",
+        "LABELS",
+        "MODEL",
+        "PROVIDER",
+        "CROPS/S",
+        "P95_MS",
+        "DROPPED"
     );
     for d in devices {
         let s = d.status.as_ref();
@@ -514,10 +540,18 @@ fn print_status_table(devices: &[&operator::DeviceView], diverging: &[&str]) {
             r.map_or("-".into(), |r| r.refs.to_string()),
             r.map_or("-".into(), |r| r.labels.to_string()),
             s.and_then(|s| s.model.as_ref())
-                .map_or("-".into(), |m| format!("{}@{}", m.id, &m.fingerprint[..m.fingerprint.len().min(8)])),
-            s.and_then(|s| s.execution_provider.as_deref()).unwrap_or("-"),
+                .map_or("-".into(), |m| format!(
+                    "{}@{}",
+                    m.id,
+                    &m.fingerprint[..m.fingerprint.len().min(8)]
+                )),
+            s.and_then(|s| s.execution_provider.as_deref())
+                .unwrap_or("-"),
             m.map_or("-".into(), |m| format!("{:.1}", m.throughput_cps)),
-            m.map_or("-".into(), |m| format!("{:.1}", m.latency_us.total.p95 as f64 / 1000.0)),
+            m.map_or("-".into(), |m| format!(
+                "{:.1}",
+                m.latency_us.total.p95 as f64 / 1000.0
+            )),
             m.map_or("-".into(), |m| m.dropped.to_string()),
             if !d.online() {
                 "-"

@@ -40,9 +40,7 @@ pub struct ChainPlan {
 
 /// Encoded size of one op in a MessagePack body.
 fn op_size(op: &UpdateOp) -> anyhow::Result<usize> {
-    Ok(rmp_serde::to_vec_named(op)
-        .context("encoding an op")?
-        .len())
+    Ok(rmp_serde::to_vec_named(op).context("encoding an op")?.len())
 }
 
 /// Cuts `ops` into updates of at most `max_ops` ops whose signed message
@@ -115,11 +113,7 @@ pub fn new_id_prefix() -> String {
     use rand::RngCore;
     let mut b = [0u8; 4];
     rand::thread_rng().fill_bytes(&mut b);
-    format!(
-        "u{}-{}",
-        crate::clock::now_ms(),
-        crate::manifest::hex(&b)
-    )
+    format!("u{}-{}", crate::clock::now_ms(), crate::manifest::hex(&b))
 }
 
 /// The MessagePack SignedUpdate of `update`, signed by `key`.
@@ -327,7 +321,10 @@ impl FleetConnection {
     }
 
     fn record(&mut self, topic: &str, payload: &[u8]) {
-        let Some(rest) = topic.strip_prefix(&self.root).and_then(|r| r.strip_prefix('/')) else {
+        let Some(rest) = topic
+            .strip_prefix(&self.root)
+            .and_then(|r| r.strip_prefix('/'))
+        else {
             return;
         };
         let Some((device, kind)) = rest.split_once('/') else {
@@ -440,7 +437,9 @@ impl FleetConnection {
 }
 
 /// The digest most online devices of the fleet report, with its count.
-pub fn majority_digest<'a>(devices: impl Iterator<Item = &'a DeviceView>) -> Option<(String, usize)> {
+pub fn majority_digest<'a>(
+    devices: impl Iterator<Item = &'a DeviceView>,
+) -> Option<(String, usize)> {
     let mut counts: BTreeMap<String, usize> = BTreeMap::new();
     for d in devices.filter(|d| d.online()) {
         if let Some(r) = d.refdb() {

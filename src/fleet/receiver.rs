@@ -41,7 +41,12 @@ pub struct UpdateReceiver {
     embedder: Arc<dyn ImageEmbedder>,
 }
 
-fn ack_of(meta: DbMeta, update_id: Option<String>, status: UpdateStatus, reason: Option<String>) -> UpdateAck {
+fn ack_of(
+    meta: DbMeta,
+    update_id: Option<String>,
+    status: UpdateStatus,
+    reason: Option<String>,
+) -> UpdateAck {
     UpdateAck {
         update_id,
         status,
@@ -91,7 +96,8 @@ impl UpdateReceiver {
             Screened::Refuse(r) => return self.refused(r),
             Screened::Accept(u) => u,
         };
-        let span = tracing::info_span!("update", update_id = %update.update_id, version = update.version);
+        let span =
+            tracing::info_span!("update", update_id = %update.update_id, version = update.version);
         let _entered = span.enter();
         let reject = |reason: String| Refusal {
             update_id: Some(update.update_id.clone()),
@@ -107,12 +113,11 @@ impl UpdateReceiver {
             Err(None) => return Outcome::Retry,
             Err(Some(reason)) => return self.refused(reject(reason)),
         };
-        let applied = self.refdb.apply_guarded(
-            ops,
-            update.version,
-            Some(&update.update_id),
-            |db| rules::state_rules(&update, db, None),
-        );
+        let applied =
+            self.refdb
+                .apply_guarded(ops, update.version, Some(&update.update_id), |db| {
+                    rules::state_rules(&update, db, None)
+                });
         match applied {
             Ok(Ok(meta)) => {
                 info!(
@@ -122,14 +127,21 @@ impl UpdateReceiver {
                     "update applied"
                 );
                 Outcome::Ack {
-                    ack: ack_of(meta, Some(update.update_id.clone()), UpdateStatus::Applied, None),
+                    ack: ack_of(
+                        meta,
+                        Some(update.update_id.clone()),
+                        UpdateStatus::Applied,
+                        None,
+                    ),
                     changed: true,
                 }
             }
             Ok(Err(refusal)) => self.refused(refusal),
-            Err(e @ (RefDbError::Dimension { .. }
-            | RefDbError::Fingerprint { .. }
-            | RefDbError::InvalidRef { .. })) => self.refused(reject(e.to_string())),
+            Err(
+                e @ (RefDbError::Dimension { .. }
+                | RefDbError::Fingerprint { .. }
+                | RefDbError::InvalidRef { .. }),
+            ) => self.refused(reject(e.to_string())),
             Err(e) => {
                 tracing::error!("cannot store the update: {e}");
                 self.refused(reject(format!("storage failed, nothing applied: {e}")))
@@ -163,7 +175,11 @@ impl UpdateReceiver {
                     image,
                 } => match embedded.next() {
                     Some(Ok(embedding)) => RefOp::Upsert(NewRef::from_image(
-                        ref_id, label, image, embedding, fingerprint,
+                        ref_id,
+                        label,
+                        image,
+                        embedding,
+                        fingerprint,
                     )),
                     Some(Err(Some(why))) => {
                         return Err(Some(format!("image of ref_id {ref_id:?}: {why}")))

@@ -86,18 +86,17 @@ pub fn screen(
         })
     };
     // 1. The envelope decodes and its signature verifies.
-    let envelope: SignedUpdate = match protocol::detect_encoding(payload)
-        .and_then(|enc| protocol::decode(payload, enc))
-    {
-        Ok(e) => e,
-        Err(e) => {
-            return refuse(
-                None,
-                UpdateStatus::Rejected,
-                format!("not a SignedUpdate: {e}"),
-            )
-        }
-    };
+    let envelope: SignedUpdate =
+        match protocol::detect_encoding(payload).and_then(|enc| protocol::decode(payload, enc)) {
+            Ok(e) => e,
+            Err(e) => {
+                return refuse(
+                    None,
+                    UpdateStatus::Rejected,
+                    format!("not a SignedUpdate: {e}"),
+                )
+            }
+        };
     let body = &envelope.body.0;
     if let Err(e) = keys.verify(&envelope.key_id, body, &envelope.sig.0) {
         return refuse(peek_update_id(body), UpdateStatus::Rejected, e.to_string());
@@ -143,11 +142,7 @@ pub fn screen(
 
 /// Rules 3 (duplicate), 4 (expired; only on arrival, when `now_ms` is
 /// given), 5 (stale) and 6 (gap) against the DB's state.
-pub fn state_rules(
-    u: &RefUpdate,
-    db: &dyn LedgerView,
-    now_ms: Option<u64>,
-) -> Result<(), Refusal> {
+pub fn state_rules(u: &RefUpdate, db: &dyn LedgerView, now_ms: Option<u64>) -> Result<(), Refusal> {
     let refuse = |status, reason: String| {
         Err(Refusal {
             update_id: Some(u.update_id.clone()),
@@ -524,10 +519,7 @@ mod tests {
         .is_err());
         assert_eq!(
             plan_ops(
-                vec![
-                    UpdateOp::Clear,
-                    UpdateOp::DeleteLabel { label: "x".into() }
-                ],
+                vec![UpdateOp::Clear, UpdateOp::DeleteLabel { label: "x".into() }],
                 &model
             )
             .unwrap(),

@@ -19,14 +19,14 @@ use std::time::{Duration, Instant};
 use image::RgbImage;
 use tracing::{debug, warn};
 
-use crate::protocol::{
-    self, CandidateOut, ClassifierOut, CropRequest, CropSource, ErrorReport, Item, ItemDecision,
-    ModelRef, MAX_TOP_K,
-};
 use crate::bus::{AckToken, Incoming, Outbound, RequestSink, ToBus};
 use crate::config::{Encoding, PipelineConfig};
 use crate::engine::{Engine, EngineOutput};
 use crate::metrics::{Metrics, Stage};
+use crate::protocol::{
+    self, CandidateOut, ClassifierOut, CropRequest, CropSource, ErrorReport, Item, ItemDecision,
+    ModelRef, MAX_TOP_K,
+};
 use crate::recognizer::best_class;
 use crate::refdb::{Decision, RefDb};
 use crate::vision::decode::{clip_bbox, decode_image, raw_image, DecodeLimits, VisionError};
@@ -583,11 +583,11 @@ fn infer_loop(
                 Ok(()) => {
                     let t = Instant::now();
                     let emb = &out.embeddings[i * dim..(i + 1) * dim];
-                    let r = p
-                        .request
-                        .pin_snapshot(&snapshot)
-                        .index
-                        .search(emb, p.request.top_k, ctx.unknown_threshold);
+                    let r = p.request.pin_snapshot(&snapshot).index.search(
+                        emb,
+                        p.request.top_k,
+                        ctx.unknown_threshold,
+                    );
                     let classifier = (classes > 0).then(|| {
                         let g =
                             best_class(&out.class_probs[i * classes..(i + 1) * classes], &labels);

@@ -6,9 +6,9 @@ use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use crate::protocol::{Item, ModelRef, RecognitionResult, TimingUs};
 use crate::bus::AckToken;
 use crate::config::Encoding;
+use crate::protocol::{Item, ModelRef, RecognitionResult, TimingUs};
 use crate::refdb::Snapshot;
 
 /// Per-request state shared by the decode worker and the inference thread.

@@ -9,6 +9,7 @@
 pub mod digest;
 pub mod export;
 pub mod index;
+mod seal;
 pub mod store;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -219,6 +220,7 @@ impl Snapshot {
 
 pub struct RefDb {
     store: Store,
+    dir: std::path::PathBuf,
     settings: RefDbSettings,
     current: RwLock<Arc<Snapshot>>,
     writer: Mutex<()>,
@@ -280,8 +282,23 @@ impl RefDb {
             );
         }
         let snapshot = build_snapshot(&settings, None, work, version);
+        if let Some(why) = seal::check(dir, &snapshot.meta) {
+            return Err(RefDbError::Store(StoreError::Open {
+                path: dir.to_path_buf(),
+                message: why,
+                corrupt: true,
+            }));
+        }
+        seal::write(dir, &snapshot.meta).map_err(|e| {
+            RefDbError::Store(StoreError::Open {
+                path: dir.to_path_buf(),
+                message: format!("cannot write its seal: {e}"),
+                corrupt: false,
+            })
+        })?;
         Ok(Self {
             store,
+            dir: dir.to_path_buf(),
             settings,
             current: RwLock::new(Arc::new(snapshot)),
             writer: Mutex::new(()),
@@ -537,6 +554,11 @@ impl RefDb {
             version,
         ));
         let meta = snapshot.meta.clone();
+        if let Err(e) = seal::write(&self.dir, &meta) {
+            // The change is durable in sled; a stale seal only means the
+            // next open sees a DB ahead of it, which is accepted.
+            tracing::warn!("cannot update the reference DB's seal: {e}");
+        }
         match self.current.write() {
             Ok(mut g) => *g = snapshot,
             Err(p) => *p.into_inner() = snapshot,

@@ -78,7 +78,9 @@ impl Store {
         let sled_err = |e: sled::Error| {
             let corrupt = matches!(
                 e,
-                sled::Error::Corruption { .. } | sled::Error::ReportableBug(_)
+                sled::Error::Corruption { .. }
+                    | sled::Error::ReportableBug(_)
+                    | sled::Error::Unsupported(_)
             ) || matches!(&e, sled::Error::Io(io) if io.kind() == std::io::ErrorKind::InvalidData || io.kind() == std::io::ErrorKind::UnexpectedEof);
             open_err(&e, corrupt)
         };

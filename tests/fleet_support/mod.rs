@@ -9,8 +9,8 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use rmpv::Value;
 use ring::signature::{Ed25519KeyPair, KeyPair};
+use rmpv::Value;
 
 use crate::common::{to_json, AgentHome, TestClient};
 
@@ -214,7 +214,13 @@ pub fn reference_images() -> Vec<(String, String, Vec<u8>)> {
 }
 
 /// An agent home for a fleet device on `port`, trusting `keys`.
-pub fn device_home(device: &str, fleet: &str, port: u16, keys: &[(&str, &FleetKey)], extra: &str) -> AgentHome {
+pub fn device_home(
+    device: &str,
+    fleet: &str,
+    port: u16,
+    keys: &[(&str, &FleetKey)],
+    extra: &str,
+) -> AgentHome {
     let trusted: String = keys
         .iter()
         .map(|(id, k)| format!("{id} = \"{}\"\n", k.public_hex()))
@@ -283,7 +289,11 @@ impl Drop for AgentProcess {
 
 /// Waits for an `online` Status of `device` on a client subscribed to
 /// `ror/+/status`; returns it.
-pub async fn wait_online(client: &mut TestClient, device: &str, timeout: Duration) -> serde_json::Value {
+pub async fn wait_online(
+    client: &mut TestClient,
+    device: &str,
+    timeout: Duration,
+) -> serde_json::Value {
     let topic = format!("ror/{device}/status");
     let deadline = Instant::now() + timeout;
     loop {
@@ -302,7 +312,11 @@ pub async fn wait_online(client: &mut TestClient, device: &str, timeout: Duratio
 }
 
 /// Waits for the next UpdateAck of `device`.
-pub async fn next_ack(client: &mut TestClient, device: &str, timeout: Duration) -> Option<serde_json::Value> {
+pub async fn next_ack(
+    client: &mut TestClient,
+    device: &str,
+    timeout: Duration,
+) -> Option<serde_json::Value> {
     client
         .next_on(&format!("ror/{device}/refdb/ack"), timeout)
         .await
@@ -323,7 +337,12 @@ pub fn db_stats(home: &AgentHome) -> serde_json::Value {
 /// The retained Status of `device`, read by a new subscriber.
 pub async fn retained_status(port: u16, device: &str) -> serde_json::Value {
     let topic = format!("ror/{device}/status");
-    let mut c = TestClient::connect(port, &format!("peek-{device}-{}", crate::daemon_support::now_ms()), &[&topic]).await;
+    let mut c = TestClient::connect(
+        port,
+        &format!("peek-{device}-{}", crate::daemon_support::now_ms()),
+        &[&topic],
+    )
+    .await;
     let payload = c
         .next_on(&topic, Duration::from_secs(10))
         .await
@@ -339,7 +358,10 @@ pub async fn wait_status_version(port: u16, device: &str, version: u64) -> serde
         if st["refdb"]["version"] == version {
             return st;
         }
-        assert!(Instant::now() < deadline, "{device} never reported version {version}: {st}");
+        assert!(
+            Instant::now() < deadline,
+            "{device} never reported version {version}: {st}"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
