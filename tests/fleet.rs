@@ -316,12 +316,16 @@ fn encode_op_named(name: &str) -> rmpv::Value {
     rmpv::Value::Map(vec![(rmpv::Value::from("op"), rmpv::Value::from(name))])
 }
 
-/// The content after each version of the SIGKILL stream: update v upserts
-/// six references `v{v}/{j}` and deletes three of update v-1's.
-fn stream_update(
-    v: u64,
-    images: &[(String, String, Vec<u8>)],
-) -> (Vec<rmpv::Value>, Vec<(String, String, usize)>, Vec<String>) {
+/// One update of the SIGKILL stream: update v upserts six references
+/// `v{v}/{j}` (`added`: id, label, index of the image) and deletes three of
+/// update v-1's (`removed`).
+struct StreamStep {
+    ops: Vec<rmpv::Value>,
+    added: Vec<(String, String, usize)>,
+    removed: Vec<String>,
+}
+
+fn stream_update(v: u64, images: &[(String, String, Vec<u8>)]) -> StreamStep {
     let mut ops = Vec::new();
     let mut added = Vec::new();
     let mut removed = Vec::new();
@@ -339,7 +343,11 @@ fn stream_update(
             removed.push(id);
         }
     }
-    (ops, added, removed)
+    StreamStep {
+        ops,
+        added,
+        removed,
+    }
 }
 
 #[test]
@@ -355,7 +363,11 @@ fn sigkill_in_a_stream_of_updates_never_loses_an_applied_update_nor_half_applies
     let mut digests = vec![content.digest()];
     let mut updates = Vec::new();
     for v in 1..=ROUNDS * PER_ROUND {
-        let (ops, added, removed) = stream_update(v, &images);
+        let StreamStep {
+            ops,
+            added,
+            removed,
+        } = stream_update(v, &images);
         for (id, label, idx) in added {
             content.image(&id, &label, &images[idx].2);
         }

@@ -43,6 +43,7 @@ struct Worker {
     out: mpsc::Sender<ToBus>,
     encoding: Encoding,
     generation: Arc<AtomicU64>,
+    stopping: watch::Receiver<bool>,
 }
 
 impl UpdateSession {
@@ -67,19 +68,20 @@ impl UpdateSession {
             rumqttc::SubscribeFilter::new(topics.device_refdb.clone(), QoS::AtLeastOnce),
         ];
         let c = &cfg.config.bus;
-        let event_loop = tokio::spawn(connection_loop(
-            eventloop,
-            client.clone(),
-            subscriptions,
-            tx,
-            generation.clone(),
-            subscribed_tx,
-            stopping_rx,
-            (
-                Duration::from_millis(c.reconnect_min_ms),
-                Duration::from_millis(c.reconnect_max_ms),
-            ),
-        ));
+        let event_loop = tokio::spawn(
+            Connection {
+                eventloop,
+                client: client.clone(),
+                subscriptions,
+                tx,
+                generation: generation.clone(),
+                subscribed: subscribed_tx,
+                stopping: stopping_rx.clone(),
+                reconnect_min: Duration::from_millis(c.reconnect_min_ms),
+                reconnect_max: Duration::from_millis(c.reconnect_max_ms),
+            }
+            .run(),
+        );
         let worker = tokio::spawn(
             Worker {
                 client: client.clone(),
@@ -90,6 +92,7 @@ impl UpdateSession {
                 out,
                 encoding: c.encoding,
                 generation,
+                stopping: stopping_rx,
             }
             .run(rx),
         );
@@ -112,9 +115,9 @@ impl UpdateSession {
             .is_ok_and(|r| r.is_ok())
     }
 
-    /// Stops taking updates, lets the one being handled finish (up to
-    /// `timeout`), and disconnects. Updates not acknowledged yet stay with
-    /// the broker for the next start.
+    /// Stops taking updates, lets the one being handled finish and be
+    /// acknowledged (up to `timeout`), then disconnects. Updates not
+    /// acknowledged yet stay with the broker for the next start.
     pub async fn stop(self, timeout: Duration) {
         let _ = self.stopping.send(true);
         let mut worker = self.worker;
@@ -122,7 +125,9 @@ impl UpdateSession {
             warn!("the reference-DB update in progress did not finish in time");
             worker.abort();
         }
-        let _ = self.client.try_disconnect();
+        if let Err(e) = self.client.try_disconnect() {
+            debug!("cannot queue the update session's disconnection: {e}");
+        }
         let mut event_loop = self.event_loop;
         if tokio::time::timeout(Duration::from_secs(2), &mut event_loop)
             .await
@@ -133,83 +138,85 @@ impl UpdateSession {
     }
 }
 
-async fn connection_loop(
-    mut eventloop: EventLoop,
+/// The connection task: polls the session, (re)subscribes, and hands
+/// updates to the worker with the connection they arrived on.
+struct Connection {
+    eventloop: EventLoop,
     client: AsyncClient,
     subscriptions: Vec<rumqttc::SubscribeFilter>,
     tx: mpsc::UnboundedSender<(Publish, u64)>,
     generation: Arc<AtomicU64>,
     subscribed: watch::Sender<bool>,
-    mut stopping: watch::Receiver<bool>,
-    (min, max): (Duration, Duration),
-) {
-    let mut network = NetworkOptions::new();
-    network.set_tcp_nodelay(true);
-    network.set_connection_timeout(10);
-    eventloop.set_network_options(network);
-    let mut backoff = min;
-    loop {
-        let polled = tokio::select! {
-            p = eventloop.poll() => p,
-            _ = stopping.changed() => {
-                if *stopping.borrow() {
-                    // Keep polling briefly so the DISCONNECT goes out.
-                    let _ = tokio::time::timeout(Duration::from_secs(1), async {
-                        while eventloop.poll().await.is_ok() {}
-                    }).await;
-                    break;
+    stopping: watch::Receiver<bool>,
+    reconnect_min: Duration,
+    reconnect_max: Duration,
+}
+
+impl Connection {
+    async fn run(mut self) {
+        let mut network = NetworkOptions::new();
+        network.set_tcp_nodelay(true);
+        network.set_connection_timeout(10);
+        self.eventloop.set_network_options(network);
+        let mut backoff = self.reconnect_min;
+        // Polled until the DISCONNECT that `stop` queues has gone out, so
+        // the worker's last ack and PUBACK are written first.
+        loop {
+            match self.eventloop.poll().await {
+                Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => break,
+                Ok(Event::Incoming(Packet::ConnAck(ack))) => {
+                    backoff = self.reconnect_min;
+                    self.generation.fetch_add(1, Ordering::AcqRel);
+                    info!(
+                        session_present = ack.session_present,
+                        "update session connected"
+                    );
+                    if let Err(e) = self.client.try_subscribe_many(self.subscriptions.clone()) {
+                        warn!("cannot queue the update subscriptions: {e}");
+                    }
                 }
-                continue;
-            }
-        };
-        match polled {
-            Ok(Event::Incoming(Packet::ConnAck(ack))) => {
-                backoff = min;
-                generation.fetch_add(1, Ordering::AcqRel);
-                info!(
-                    session_present = ack.session_present,
-                    "update session connected"
-                );
-                if let Err(e) = client.try_subscribe_many(subscriptions.clone()) {
-                    warn!("cannot queue the update subscriptions: {e}");
+                Ok(Event::Incoming(Packet::SubAck(_))) => {
+                    let _ = self.subscribed.send(true);
                 }
-            }
-            Ok(Event::Incoming(Packet::SubAck(_))) => {
-                let _ = subscribed.send(true);
-            }
-            Ok(Event::Incoming(Packet::Publish(p))) => {
-                if *stopping.borrow() {
-                    continue;
+                Ok(Event::Incoming(Packet::Publish(p))) => {
+                    if *self.stopping.borrow() {
+                        continue;
+                    }
+                    let g = self.generation.load(Ordering::Acquire);
+                    if self.tx.send((p, g)).is_err() {
+                        break;
+                    }
                 }
-                let g = generation.load(Ordering::Acquire);
-                if tx.send((p, g)).is_err() {
-                    break;
+                Ok(_) => {}
+                Err(e) => {
+                    let _ = self.subscribed.send(false);
+                    if *self.stopping.borrow() {
+                        break;
+                    }
+                    warn!(
+                        retry_in_ms = backoff.as_millis() as u64,
+                        "update session: broker connection failed: {e}"
+                    );
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(self.reconnect_max);
                 }
-            }
-            Ok(_) => {}
-            Err(e) => {
-                let _ = subscribed.send(false);
-                if *stopping.borrow() {
-                    break;
-                }
-                warn!(
-                    retry_in_ms = backoff.as_millis() as u64,
-                    "update session: broker connection failed: {e}"
-                );
-                tokio::select! {
-                    _ = tokio::time::sleep(backoff) => {}
-                    _ = stopping.changed() => {}
-                }
-                backoff = (backoff * 2).min(max);
             }
         }
+        debug!("update session closed");
     }
-    debug!("update session closed");
 }
 
 impl Worker {
-    async fn run(self, mut rx: mpsc::UnboundedReceiver<(Publish, u64)>) {
-        while let Some((publish, generation)) = rx.recv().await {
+    async fn run(mut self, mut rx: mpsc::UnboundedReceiver<(Publish, u64)>) {
+        loop {
+            let next = tokio::select! {
+                biased;
+                _ = self.stopping.wait_for(|s| *s) => None,
+                m = rx.recv() => m,
+            };
+            let Some((publish, generation)) = next else {
+                break;
+            };
             let receiver = self.receiver.clone();
             let payload = publish.payload.clone();
             let now = crate::clock::now_ms();
