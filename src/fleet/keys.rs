@@ -55,20 +55,11 @@ impl TrustedKeys {
         let key = self
             .keys
             .get(key_id)
-            .ok_or_else(|| KeyError::UnknownKey(bounded(key_id)))?;
+            .ok_or_else(|| KeyError::UnknownKey(super::excerpt(key_id, 64).to_string()))?;
         UnparsedPublicKey::new(&ED25519, key)
             .verify(message, sig)
             .map_err(|_| KeyError::BadSignature(key_id.to_string()))
     }
-}
-
-/// A key id quoted in an error: at most 64 bytes of it.
-fn bounded(s: &str) -> String {
-    let mut end = s.len().min(64);
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    s[..end].to_string()
 }
 
 fn decode_public_key(text: &str) -> Result<[u8; 32], String> {

@@ -11,7 +11,7 @@ use rumqttc::{AsyncClient, Event, EventLoop, Packet, QoS};
 use serde::{Deserialize, Serialize};
 
 use crate::config::{Encoding, LoadedConfig};
-use crate::protocol::{self, Bytes, RefUpdate, SignedUpdate, UpdateOp, UpdateStatus};
+use crate::protocol::{self, Bytes, RefUpdate, SignedUpdate, UpdateAck, UpdateOp};
 
 use super::keys::SigningKey;
 
@@ -210,19 +210,6 @@ impl DeviceView {
     }
 }
 
-/// One device's answer to one update.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct AckView {
-    pub update_id: Option<String>,
-    pub status: UpdateStatus,
-    #[serde(default)]
-    pub reason: Option<String>,
-    pub version: u64,
-    pub digest: String,
-    pub refs: u64,
-    pub labels: u64,
-}
-
 /// An MQTT connection of the operator (clean session, its own client id).
 pub struct FleetConnection {
     pub client: AsyncClient,
@@ -231,7 +218,7 @@ pub struct FleetConnection {
     pub fleet: String,
     pub devices: BTreeMap<String, DeviceView>,
     /// Acks by device, in arrival order.
-    pub acks: HashMap<String, Vec<AckView>>,
+    pub acks: HashMap<String, Vec<UpdateAck>>,
 }
 
 impl FleetConnection {
@@ -357,7 +344,7 @@ impl FleetConnection {
                 }
             }
             "refdb/ack" => {
-                if let Ok(a) = protocol::decode::<AckView>(payload, enc) {
+                if let Ok(a) = protocol::decode::<UpdateAck>(payload, enc) {
                     self.acks.entry(device.to_string()).or_default().push(a);
                 }
             }
@@ -419,7 +406,7 @@ impl FleetConnection {
     }
 
     /// The last answer of `device` to `update_id`.
-    pub fn ack(&self, device: &str, update_id: &str) -> Option<&AckView> {
+    pub fn ack(&self, device: &str, update_id: &str) -> Option<&UpdateAck> {
         self.acks
             .get(device)?
             .iter()

@@ -90,12 +90,12 @@ impl UpdateReceiver {
 
     /// Handles one message from a refdb topic, received at `now_ms`.
     pub fn handle(&self, payload: &[u8], now_ms: u64) -> Outcome {
-        let update = match rules::screen(payload, &self.keys, &self.me, self.refdb.as_ref(), now_ms)
-        {
-            Screened::Ignore => return Outcome::Ignored,
-            Screened::Refuse(r) => return self.refused(r),
-            Screened::Accept(u) => u,
-        };
+        let mut update =
+            match rules::screen(payload, &self.keys, &self.me, self.refdb.as_ref(), now_ms) {
+                Screened::Ignore => return Outcome::Ignored,
+                Screened::Refuse(r) => return self.refused(r),
+                Screened::Accept(u) => u,
+            };
         let span =
             tracing::info_span!("update", update_id = %update.update_id, version = update.version);
         let _entered = span.enter();
@@ -104,7 +104,7 @@ impl UpdateReceiver {
             status: UpdateStatus::Rejected,
             reason,
         };
-        let planned = match rules::plan_ops(update.ops.clone(), &self.model) {
+        let planned = match rules::plan_ops(std::mem::take(&mut update.ops), &self.model) {
             Ok(p) => p,
             Err(reason) => return self.refused(reject(reason)),
         };

@@ -46,12 +46,9 @@ pub enum Screened {
 const QUOTE_BYTES: usize = 64;
 
 fn quote(s: &str) -> String {
-    let mut end = s.len().min(QUOTE_BYTES);
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    if end < s.len() {
-        format!("{:?}…", &s[..end])
+    let cut = super::excerpt(s, QUOTE_BYTES);
+    if cut.len() < s.len() {
+        format!("{cut:?}…")
     } else {
         format!("{s:?}")
     }

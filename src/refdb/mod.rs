@@ -61,15 +61,21 @@ struct Locked<'a> {
     version: u64,
 }
 
+/// Whether the ledger holds `update_id`; a read error counts as "no" (the
+/// stale and gap rules still guard the DB) and is logged.
+fn ledger_has(store: &Store, update_id: &str) -> bool {
+    store.was_applied(update_id).unwrap_or_else(|e| {
+        tracing::warn!("cannot read the applied-update ledger: {e}");
+        false
+    })
+}
+
 impl LedgerView for Locked<'_> {
     fn version(&self) -> u64 {
         self.version
     }
     fn was_applied(&self, update_id: &str) -> bool {
-        self.store.was_applied(update_id).unwrap_or_else(|e| {
-            tracing::warn!("cannot read the applied-update ledger: {e}");
-            false
-        })
+        ledger_has(self.store, update_id)
     }
 }
 
@@ -78,11 +84,7 @@ impl LedgerView for RefDb {
         self.snapshot().meta.version
     }
     fn was_applied(&self, update_id: &str) -> bool {
-        Locked {
-            store: &self.store,
-            version: 0,
-        }
-        .was_applied(update_id)
+        ledger_has(&self.store, update_id)
     }
 }
 
