@@ -2,6 +2,9 @@
 //! references per class" table, the classifier-head accuracy, and the most
 //! confused label pairs, as text, JSON or a self-contained HTML report.
 //!
+//! With images of products that are not enrolled, it also reports the
+//! open-set operating points (see [`crate::open_set`]).
+//!
 //! Works on embeddings already computed (see [`crate::recognizer`]); builds
 //! throw-away in-memory indexes, never touches the agent's reference DB.
 
@@ -11,6 +14,7 @@ use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use serde::Serialize;
 
+use crate::open_set::{KnownScore, OpenSetError, OpenSetReport, Scores};
 use crate::recognizer::ClassifierGuess;
 use crate::refdb::Index;
 
@@ -76,6 +80,10 @@ pub struct Report {
     pub classifier_queries: usize,
     /// Mistakes at the largest reference count, most frequent first.
     pub confused: Vec<ConfusedPair>,
+    /// Enrolled vs unenrolled products, with every reference enrolled
+    /// (only when unenrolled images were given).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub open_set: Option<OpenSetReport>,
     /// Images that could not be used, with the reason.
     pub failed: Vec<(String, String)>,
 }
@@ -84,10 +92,57 @@ pub struct Options {
     pub refs_per_class: Vec<Option<usize>>,
     pub seed: u64,
     pub classifier_labels: Vec<String>,
+    /// `recognition.unknown_threshold`, for the open-set report.
+    pub unknown_threshold: f32,
 }
 
-/// Scores `queries` against indexes built from `refs`.
-pub fn evaluate(refs: &[Sample], queries: &[Sample], opts: &Options) -> Report {
+/// An index of every reference, as the daemon holds them.
+fn full_index(refs: &[Sample]) -> Index {
+    let dim = refs.first().map_or(0, |r| r.embedding.len());
+    Index::build(
+        dim,
+        refs.iter()
+            .map(|s| (s.ref_id.as_str(), s.label.as_str(), s.embedding.as_slice())),
+        0,
+    )
+}
+
+/// Best-similarity scores with every reference enrolled: for the queries
+/// whose label has references (the enrolled ones; the others are ignored)
+/// and for `unknown`, images of products that are not enrolled.
+pub fn open_set_scores(
+    refs: &[Sample],
+    queries: &[Sample],
+    unknown: &[Sample],
+) -> Result<Scores, OpenSetError> {
+    let index = full_index(refs);
+    let enrolled: std::collections::HashSet<&str> = refs.iter().map(|r| r.label.as_str()).collect();
+    let known = queries
+        .iter()
+        .filter(|q| enrolled.contains(q.label.as_str()))
+        .map(|q| {
+            let r = index.search(&q.embedding, 1, -1.0);
+            KnownScore {
+                similarity: r.similarity,
+                correct: r.candidates.first().map(|c| c.label.as_str()) == Some(q.label.as_str()),
+            }
+        })
+        .collect();
+    let unknown = unknown
+        .iter()
+        .map(|u| index.search(&u.embedding, 1, -1.0).similarity)
+        .collect();
+    Scores::new(known, unknown)
+}
+
+/// Scores `queries` against indexes built from `refs`; with `unknown`
+/// (images of products that are not enrolled), the open-set report too.
+pub fn evaluate(
+    refs: &[Sample],
+    queries: &[Sample],
+    unknown: Option<&[Sample]>,
+    opts: &Options,
+) -> Report {
     let dim = refs.first().map_or(0, |r| r.embedding.len());
     let mut by_label: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
     for (i, r) in refs.iter().enumerate() {
@@ -167,6 +222,11 @@ pub fn evaluate(refs: &[Sample], queries: &[Sample], opts: &Options) -> Report {
             .then_with(|| a.predicted.cmp(&b.predicted))
     });
     confused.truncate(15);
+    let open_set = unknown.and_then(|u| {
+        open_set_scores(refs, queries, u)
+            .ok()
+            .map(|s| s.report(opts.unknown_threshold))
+    });
     Report {
         model_id: String::new(),
         fingerprint: String::new(),
@@ -180,6 +240,7 @@ pub fn evaluate(refs: &[Sample], queries: &[Sample], opts: &Options) -> Report {
         classifier_accuracy,
         classifier_queries: known.len(),
         confused,
+        open_set,
         failed: Vec::new(),
     }
 }
@@ -230,6 +291,9 @@ pub fn render_text(r: &Report) -> String {
             let _ = writeln!(s, "  {:>4}  {} -> {}", c.count, c.truth, c.predicted);
         }
     }
+    if let Some(o) = &r.open_set {
+        s.push_str(&render_open_set_text(o));
+    }
     if r.queries_without_refs > 0 {
         let _ = writeln!(
             s,
@@ -243,6 +307,45 @@ pub fn render_text(r: &Report) -> String {
             let _ = writeln!(s, "  {path}: {why}");
         }
     }
+    s
+}
+
+fn percent(x: Option<f64>) -> String {
+    x.map_or("-".into(), |x| format!("{:.1}%", 100.0 * x))
+}
+
+/// The open-set table as text (also used by `calibrate`).
+pub fn render_open_set_text(o: &OpenSetReport) -> String {
+    use std::fmt::Write;
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "\nopen set: {} enrolled queries vs {} images of products not enrolled (every reference enrolled)",
+        o.known_queries, o.unknown_queries
+    );
+    if let Some(a) = o.auroc {
+        let _ = writeln!(s, "AUROC {a:.4}");
+    }
+    let _ = writeln!(
+        s,
+        "{:>14} {:>11} {:>16} {:>16} {:>20}",
+        "false-unknown", "threshold", "measured f-u", "unknown caught", "accuracy (enrolled)"
+    );
+    let row = |s: &mut String, name: String, p: &crate::open_set::OperatingPoint| {
+        let _ = writeln!(
+            s,
+            "{:>14} {:>11.4} {:>16} {:>16} {:>20.4}",
+            name,
+            p.threshold,
+            percent(Some(p.false_unknown_measured)),
+            percent(p.unknown_detection),
+            p.accuracy_known
+        );
+    };
+    for p in &o.operating_points {
+        row(&mut s, percent(Some(p.false_unknown)), p);
+    }
+    row(&mut s, "configured".into(), &o.at_configured_threshold);
     s
 }
 
@@ -349,6 +452,10 @@ pub fn render_html(r: &Report) -> String {
     if confused.is_empty() {
         confused.push_str("<tr><td colspan=\"3\">no mistakes</td></tr>");
     }
+    let open_set = r
+        .open_set
+        .as_ref()
+        .map_or(String::new(), render_open_set_html);
     let classifier = r.classifier_accuracy.map_or("none".to_string(), |a| {
         format!("{a:.4} over {} queries", r.classifier_queries)
     });
@@ -364,7 +471,7 @@ pub fn render_html(r: &Report) -> String {
 <h2>Classifier head</h2><p>top-1 accuracy: {classifier}</p>
 <h2>Most confused label pairs</h2>
 <table><tr><th>truth</th><th>predicted</th><th>count</th></tr>{confused}</table>
-</body></html>
+{open_set}</body></html>
 "#,
         model = escape(&r.model_id),
         fp = escape(&r.fingerprint),
@@ -373,6 +480,100 @@ pub fn render_html(r: &Report) -> String {
         refs = r.references,
         queries = r.queries,
         seed = r.seed,
+    )
+}
+
+/// The open-set section of the HTML report: detection against
+/// false-unknown, the configured threshold marked, and the table.
+fn render_open_set_html(o: &OpenSetReport) -> String {
+    use std::fmt::Write;
+    let (w, h, pad) = (420.0, 420.0, 48.0);
+    let x = |f: f64| pad + (w - 2.0 * pad) * f;
+    let y = |d: f64| h - pad - (h - 2.0 * pad) * d;
+    let mut svg = String::new();
+    let _ = write!(
+        svg,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" role="img" aria-label="unknown detection against false-unknown rate">"#
+    );
+    for t in 0..=5 {
+        let v = t as f64 / 5.0;
+        let _ = write!(
+            svg,
+            r##"<line x1="{pad}" x2="{}" y1="{yv}" y2="{yv}" stroke="#ddd"/><text x="{}" y="{}" font-size="11" text-anchor="end">{v:.1}</text><line x1="{xv}" x2="{xv}" y1="{pad}" y2="{}" stroke="#eee"/><text x="{xv}" y="{}" font-size="11" text-anchor="middle">{v:.1}</text>"##,
+            w - pad,
+            pad - 6.0,
+            y(v) + 4.0,
+            h - pad,
+            h - pad + 16.0,
+            yv = y(v),
+            xv = x(v),
+        );
+    }
+    let points: Vec<String> = o
+        .curve
+        .iter()
+        .map(|&(f, d)| format!("{:.1},{:.1}", x(f), y(d)))
+        .collect();
+    let _ = write!(
+        svg,
+        r##"<polyline fill="none" stroke="#1f6feb" stroke-width="2" points="{}"/>"##,
+        points.join(" ")
+    );
+    for p in &o.operating_points {
+        let _ = write!(
+            svg,
+            r##"<circle cx="{:.1}" cy="{:.1}" r="3" fill="#1f6feb"><title>false-unknown {:.3}, threshold {:.4}</title></circle>"##,
+            x(p.false_unknown_measured),
+            y(p.unknown_detection.unwrap_or(0.0)),
+            p.false_unknown_measured,
+            p.threshold
+        );
+    }
+    let c = &o.at_configured_threshold;
+    let (cx, cy) = (
+        x(c.false_unknown_measured),
+        y(c.unknown_detection.unwrap_or(0.0)),
+    );
+    let _ = write!(
+        svg,
+        r##"<circle cx="{cx:.1}" cy="{cy:.1}" r="6" fill="none" stroke="#d1242f" stroke-width="2"/><text x="{:.1}" y="{:.1}" font-size="11" fill="#d1242f">configured threshold {:.3}</text>"##,
+        cx + 9.0,
+        cy + 14.0,
+        c.threshold
+    );
+    let _ = write!(
+        svg,
+        r#"<text x="{}" y="{}" font-size="12" text-anchor="middle">false-unknown rate (enrolled products called unknown)</text><text x="14" y="{}" font-size="12" text-anchor="middle" transform="rotate(-90 14 {})">unknown detection</text></svg>"#,
+        w / 2.0,
+        h - 8.0,
+        h / 2.0,
+        h / 2.0
+    );
+    let mut rows = String::new();
+    let row = |rows: &mut String, name: String, p: &crate::open_set::OperatingPoint| {
+        let _ = write!(
+            rows,
+            "<tr><td>{}</td><td>{:.4}</td><td>{}</td><td>{}</td><td>{:.4}</td></tr>",
+            escape(&name),
+            p.threshold,
+            percent(Some(p.false_unknown_measured)),
+            percent(p.unknown_detection),
+            p.accuracy_known
+        );
+    };
+    for p in &o.operating_points {
+        row(&mut rows, percent(Some(p.false_unknown)), p);
+    }
+    row(&mut rows, "configured".into(), c);
+    format!(
+        r#"<h2>Open set: enrolled vs not enrolled</h2>
+<p>{known} enrolled queries, {unknown} images of products not in the DB, every reference enrolled. AUROC <b>{auroc}</b>. A crop is unknown when its best similarity is strictly below the threshold; the threshold for a false-unknown target q is the q-quantile of the enrolled queries' best similarities.</p>
+{svg}
+<table><tr><th>false-unknown target</th><th>threshold</th><th>measured false-unknown</th><th>unknown detected</th><th>accuracy (enrolled)</th></tr>{rows}</table>
+"#,
+        known = o.known_queries,
+        unknown = o.unknown_queries,
+        auroc = o.auroc.map_or("-".into(), |a| format!("{a:.4}")),
     )
 }
 
@@ -416,12 +617,15 @@ mod tests {
         let report = evaluate(
             &refs,
             &queries,
+            None,
             &Options {
                 refs_per_class: vec![Some(1), None],
                 seed: 1,
                 classifier_labels: vec!["a".into(), "b".into()],
+                unknown_threshold: 0.5,
             },
         );
+        assert!(report.open_set.is_none());
         assert_eq!(report.queries, 2);
         assert_eq!(report.queries_without_refs, 1);
         assert_eq!(report.rows[1].top1, 0.5);
@@ -432,5 +636,45 @@ mod tests {
         let html = render_html(&report);
         assert!(html.contains("<svg") && html.contains("</html>"));
         assert!(render_text(&report).contains("top-1"));
+    }
+
+    #[test]
+    fn unenrolled_images_add_the_open_set_report_to_every_rendering() {
+        let refs = vec![
+            sample("a", "a/1", [1.0, 0.0]),
+            sample("b", "b/1", [0.0, 1.0]),
+        ];
+        let norm = |x: f32, y: f32| {
+            let n = (x * x + y * y).sqrt();
+            [x / n, y / n]
+        };
+        let queries = vec![
+            sample("a", "qa", norm(0.9, 0.1)),
+            sample("b", "qb", norm(0.1, 0.9)),
+            sample("c", "qc", norm(0.5, 0.5)), // not enrolled: ignored here
+        ];
+        let unknown = vec![sample("x", "x/1", norm(0.6, 0.6))];
+        let report = evaluate(
+            &refs,
+            &queries,
+            Some(&unknown),
+            &Options {
+                refs_per_class: vec![None],
+                seed: 1,
+                classifier_labels: vec![],
+                unknown_threshold: 0.8,
+            },
+        );
+        let o = report.open_set.as_ref().expect("open set report");
+        assert_eq!((o.known_queries, o.unknown_queries), (2, 1));
+        assert_eq!(o.auroc, Some(1.0));
+        assert_eq!(o.operating_points.len(), 5);
+        let c = &o.at_configured_threshold;
+        assert_eq!((c.threshold, c.unknown_detection), (0.8, Some(1.0)));
+        assert_eq!((c.accuracy_known, c.false_unknown_measured), (1.0, 0.0));
+        let json = serde_json::to_value(&report).unwrap();
+        assert!(json["open_set"]["operating_points"][2]["false_unknown"] == 0.05);
+        assert!(render_text(&report).contains("AUROC"));
+        assert!(render_html(&report).contains("configured threshold"));
     }
 }

@@ -20,6 +20,7 @@ pub mod fleet;
 pub mod logging;
 pub mod manifest;
 pub mod metrics;
+pub mod open_set;
 pub mod pipeline;
 pub mod protocol;
 pub mod recognizer;

@@ -342,3 +342,354 @@ fn no_usable_execution_provider_is_an_error_that_says_what_to_add() {
     );
     assert!(err.contains("add \"cpu\""), "{err}");
 }
+
+/// The synthetic set split for open-set tests: the first 8 labels enrolled
+/// (references and queries), the last 4 held out as unenrolled products in
+/// a mixed folder layout (flat files, nested folders, a non-image file).
+struct HeldOut {
+    dir: tempfile::TempDir,
+    known_queries: Vec<std::path::PathBuf>,
+    unknown_images: Vec<std::path::PathBuf>,
+}
+
+impl HeldOut {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let mut labels: Vec<_> = std::fs::read_dir(repo_path("testdata/synthetic/refs"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        labels.sort();
+        let (enrolled, held_out) = labels.split_at(8);
+        let copy_dir = |from: &std::path::Path, to: &std::path::Path| -> Vec<std::path::PathBuf> {
+            std::fs::create_dir_all(to).unwrap();
+            let mut out = Vec::new();
+            for e in std::fs::read_dir(from).unwrap() {
+                let e = e.unwrap();
+                let dest = to.join(e.file_name());
+                std::fs::copy(e.path(), &dest).unwrap();
+                out.push(dest);
+            }
+            out
+        };
+        let mut known_queries = Vec::new();
+        for l in enrolled {
+            copy_dir(
+                &repo_path(&format!("testdata/synthetic/refs/{l}")),
+                &dir.path().join("refs").join(l),
+            );
+            known_queries.extend(copy_dir(
+                &repo_path(&format!("testdata/synthetic/queries/{l}")),
+                &dir.path().join("queries").join(l),
+            ));
+        }
+        let mut unknown_images = Vec::new();
+        for (i, l) in held_out.iter().enumerate() {
+            let from = repo_path(&format!("testdata/synthetic/queries/{l}"));
+            if i % 2 == 0 {
+                for e in std::fs::read_dir(&from).unwrap() {
+                    let e = e.unwrap();
+                    let dest = dir
+                        .path()
+                        .join("unknown")
+                        .join(format!("{l}-{}", e.file_name().to_string_lossy()));
+                    std::fs::create_dir_all(dest.parent().unwrap()).unwrap();
+                    std::fs::copy(e.path(), &dest).unwrap();
+                    unknown_images.push(dest);
+                }
+            } else {
+                unknown_images.extend(copy_dir(&from, &dir.path().join("unknown/shelf/b").join(l)));
+            }
+        }
+        std::fs::write(dir.path().join("unknown/README.txt"), "not an image").unwrap();
+        Self {
+            dir,
+            known_queries,
+            unknown_images,
+        }
+    }
+
+    fn sub(&self, name: &str) -> String {
+        self.dir.path().join(name).display().to_string()
+    }
+}
+
+/// (best similarity, best label) of each image, from `recognize` against
+/// the enrolled DB: an independent path to the scores.
+fn recognized(home: &AgentHome, images: &[std::path::PathBuf]) -> Vec<(f32, String)> {
+    let mut args = vec!["recognize", "--json", "--top-k", "1"];
+    let paths: Vec<String> = images.iter().map(|p| p.display().to_string()).collect();
+    args.extend(paths.iter().map(String::as_str));
+    let out = home.cli(&args);
+    assert!(out.status.success(), "{}", stderr(&out));
+    stdout(&out)
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            (
+                v["similarity"].as_f64().unwrap() as f32,
+                v["candidates"][0]["label"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn open_set_rates_in_eval_match_a_brute_force_count_over_recognize() {
+    let set = HeldOut::new();
+    let home = AgentHome::new("", "[recognition]\nunknown_threshold = 0.5\n");
+    let html = home.path().join("report.html");
+    let out = home.cli(&[
+        "eval",
+        "--refs",
+        &set.sub("refs"),
+        "--queries",
+        &set.sub("queries"),
+        "--unknown",
+        &set.sub("unknown"),
+        "--refs-per-class",
+        "all",
+        "--json",
+        "--html",
+        html.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let report: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    let o = &report["open_set"];
+    assert_eq!(o["known_queries"], 64);
+    assert_eq!(o["unknown_queries"], 32);
+
+    // Brute force over the same images through `recognize`.
+    let out = home.cli(&["enroll", "--refs", &set.sub("refs")]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let known: Vec<(f32, bool)> = recognized(&home, &set.known_queries)
+        .into_iter()
+        .zip(&set.known_queries)
+        .map(|((s, label), path)| {
+            let truth = path
+                .parent()
+                .unwrap()
+                .file_name()
+                .unwrap()
+                .to_str()
+                .unwrap();
+            (s, label == truth)
+        })
+        .collect();
+    let unknown: Vec<f32> = recognized(&home, &set.unknown_images)
+        .into_iter()
+        .map(|(s, _)| s)
+        .collect();
+    let (n, m) = (known.len() as f64, unknown.len() as f64);
+    let mut wins = 0.0;
+    for (k, _) in &known {
+        for u in &unknown {
+            wins += if k > u {
+                1.0
+            } else if k == u {
+                0.5
+            } else {
+                0.0
+            };
+        }
+    }
+    let close = |a: &serde_json::Value, b: f64, what: &str| {
+        let a = a.as_f64().unwrap_or_else(|| panic!("{what} missing"));
+        assert!((a - b).abs() < 1e-9, "{what}: eval {a}, brute force {b}");
+    };
+    close(&o["auroc"], wins / (n * m), "auroc");
+    let mut sorted: Vec<f32> = known.iter().map(|k| k.0).collect();
+    sorted.sort_by(f32::total_cmp);
+    let mut points: Vec<&serde_json::Value> =
+        o["operating_points"].as_array().unwrap().iter().collect();
+    assert_eq!(points.len(), 5);
+    points.push(&o["at_configured_threshold"]);
+    for (i, p) in points.iter().enumerate() {
+        let t = p["threshold"].as_f64().unwrap() as f32;
+        let fu_known = known.iter().filter(|k| k.0 < t).count() as f64 / n;
+        let caught = unknown.iter().filter(|&&u| u < t).count() as f64 / m;
+        let right = known.iter().filter(|k| k.1 && k.0 >= t).count() as f64 / n;
+        close(
+            &p["false_unknown_measured"],
+            fu_known,
+            "false_unknown_measured",
+        );
+        close(&p["unknown_detection"], caught, "unknown_detection");
+        close(&p["accuracy_known"], right, "accuracy_known");
+        if i < 5 {
+            let q = p["false_unknown"].as_f64().unwrap();
+            assert_eq!(t, sorted[(q * n).floor() as usize], "q-quantile at {q}");
+            assert!(fu_known <= q, "measured {fu_known} over target {q}");
+        } else {
+            assert_eq!(t, 0.5);
+        }
+    }
+    let page = std::fs::read_to_string(&html).unwrap();
+    assert!(page.contains("Open set") && page.contains("configured threshold"));
+
+    // The text report shows the same table.
+    let out = home.cli(&[
+        "eval",
+        "--refs",
+        &set.sub("refs"),
+        "--queries",
+        &set.sub("queries"),
+        "--unknown",
+        &set.sub("unknown"),
+        "--refs-per-class",
+        "all",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).contains("AUROC"), "{}", stdout(&out));
+}
+
+#[test]
+fn calibrate_write_sets_the_threshold_for_the_target_and_keeps_comments() {
+    let set = HeldOut::new();
+    let home = AgentHome::new("", "");
+    let original = std::fs::read_to_string(&home.config_path).unwrap();
+    let commented = format!(
+        "# Store 17, till 3 -- keep this comment\n{}",
+        original.replace(
+            "[runtime]",
+            "[recognition]\n# chosen by hand\nunknown_threshold = 0.5 # before calibration\n\n[runtime]"
+        )
+    );
+    std::fs::write(&home.config_path, &commented).unwrap();
+    let out = home.cli(&[
+        "calibrate",
+        "--refs",
+        &set.sub("refs"),
+        "--queries",
+        &set.sub("queries"),
+        "--unknown",
+        &set.sub("unknown"),
+        "--false-unknown",
+        "0.1",
+        "--write",
+        "--json",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let c: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    let t = c["chosen"]["threshold"].as_f64().unwrap() as f32;
+    assert!(c["chosen"]["false_unknown_measured"].as_f64().unwrap() <= 0.1);
+    let written = std::fs::read_to_string(&home.config_path).unwrap();
+    assert!(written.starts_with("# Store 17, till 3 -- keep this comment\n"));
+    assert!(written.contains("# chosen by hand\nunknown_threshold = "));
+    assert!(written.contains(" # before calibration"), "{written}");
+    let table: toml::Table = toml::from_str(&written).unwrap();
+    let stored = table["recognition"]["unknown_threshold"]
+        .as_float()
+        .unwrap() as f32;
+    assert_eq!(stored, t, "the config holds exactly the printed threshold");
+
+    // The daemon's own decision with the written config: at most 10% of
+    // the enrolled queries come back unknown.
+    let out = home.cli(&["enroll", "--refs", &set.sub("refs")]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let mut args = vec!["recognize", "--json"];
+    let paths: Vec<String> = set
+        .known_queries
+        .iter()
+        .map(|p| p.display().to_string())
+        .collect();
+    args.extend(paths.iter().map(String::as_str));
+    let out = home.cli(&args);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let unknown = stdout(&out)
+        .lines()
+        .filter(|l| l.contains("\"decision\":\"unknown\""))
+        .count();
+    assert!(
+        unknown as f64 <= 0.1 * set.known_queries.len() as f64,
+        "{unknown} unknown"
+    );
+
+    // Without --unknown it still calibrates, on enrolled queries alone.
+    let out = home.cli(&[
+        "calibrate",
+        "--refs",
+        &set.sub("refs"),
+        "--queries",
+        &set.sub("queries"),
+        "--false-unknown",
+        "0.1",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    assert!(text.contains(&format!("unknown_threshold = {t}")), "{text}");
+    assert!(text.contains("no --unknown images"), "{text}");
+}
+
+#[test]
+fn empty_or_missing_folders_and_bad_targets_give_clear_errors() {
+    let set = HeldOut::new();
+    let home = AgentHome::new("", "");
+    let empty = home.path().join("empty");
+    std::fs::create_dir_all(empty.join("sub")).unwrap();
+    let missing = home.path().join("missing");
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        (
+            vec![
+                "eval".into(),
+                "--refs".into(),
+                set.sub("refs"),
+                "--queries".into(),
+                set.sub("queries"),
+                "--unknown".into(),
+                empty.display().to_string(),
+            ],
+            "--unknown",
+        ),
+        (
+            vec![
+                "calibrate".into(),
+                "--refs".into(),
+                set.sub("refs"),
+                "--queries".into(),
+                missing.display().to_string(),
+            ],
+            "--queries",
+        ),
+        (
+            vec![
+                "calibrate".into(),
+                "--refs".into(),
+                empty.display().to_string(),
+                "--queries".into(),
+                set.sub("queries"),
+            ],
+            "--refs",
+        ),
+        (
+            vec![
+                "calibrate".into(),
+                "--refs".into(),
+                set.sub("refs"),
+                "--queries".into(),
+                set.sub("unknown/shelf/b"),
+            ],
+            "no enrolled queries",
+        ),
+        (
+            vec![
+                "calibrate".into(),
+                "--refs".into(),
+                set.sub("refs"),
+                "--queries".into(),
+                set.sub("queries"),
+                "--false-unknown".into(),
+                "1.5".into(),
+            ],
+            "--false-unknown",
+        ),
+    ];
+    for (args, expect) in cases {
+        let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+        let out = home.cli(&argv);
+        let err = stderr(&out);
+        assert!(!out.status.success(), "{argv:?} succeeded");
+        assert!(err.contains(expect), "{argv:?}: {err}");
+        assert_eq!(err.trim().lines().count(), 1, "one clear line: {err}");
+    }
+}

@@ -3,6 +3,7 @@
 //! Each command lives in its own file and turns errors into one clear line
 //! on stderr and a non-zero exit status.
 
+mod calibrate;
 mod db;
 mod enroll;
 mod evaluate;
@@ -103,6 +104,36 @@ pub enum Command {
         /// Also write a self-contained HTML report with the accuracy curve.
         #[arg(long)]
         html: Option<PathBuf>,
+        /// Images of products that are NOT enrolled (any folder layout): adds
+        /// the open-set report (AUROC, thresholds for false-unknown rates).
+        #[arg(long)]
+        unknown: Option<PathBuf>,
+    },
+    /// Pick recognition.unknown_threshold for a false-unknown target: the
+    /// q-quantile of the enrolled queries' best similarities, so that at
+    /// most that share of enrolled products is called unknown.
+    Calibrate {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Reference images: REFS/<label>/*.jpg.
+        #[arg(long)]
+        refs: PathBuf,
+        /// Query images of enrolled products: QUERIES/<label>/*.jpg.
+        #[arg(long)]
+        queries: PathBuf,
+        /// Images of products that are NOT enrolled (any folder layout), to
+        /// also measure how many the threshold catches.
+        #[arg(long)]
+        unknown: Option<PathBuf>,
+        /// Share of enrolled products that may be called unknown (0.05 = 5%).
+        #[arg(long, default_value_t = 0.05)]
+        false_unknown: f64,
+        /// Write the threshold into the config file (comments are kept).
+        #[arg(long)]
+        write: bool,
+        /// Print as JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// Inspect, export or import the reference DB.
     Db {
@@ -196,11 +227,46 @@ fn run_command(command: Command) -> anyhow::Result<()> {
             seed,
             json,
             html,
+            unknown,
         } => {
             let cfg = load_config(&config)?;
             let counts = crate::eval::parse_refs_per_class(&refs_per_class)
                 .map_err(|e| anyhow::anyhow!("--refs-per-class: {e}"))?;
-            evaluate::run(&cfg, &refs, &queries, counts, seed, json, html.as_deref())
+            evaluate::run(
+                &cfg,
+                evaluate::EvalArgs {
+                    refs: &refs,
+                    queries: &queries,
+                    unknown: unknown.as_deref(),
+                    refs_per_class: counts,
+                    seed,
+                    as_json: json,
+                    html: html.as_deref(),
+                },
+            )
+        }
+        Command::Calibrate {
+            config,
+            refs,
+            queries,
+            unknown,
+            false_unknown,
+            write,
+            json,
+        } => {
+            let cfg = load_config(&config)?;
+            calibrate::run(
+                &cfg,
+                calibrate::CalibrateArgs {
+                    config_path: &config.config,
+                    refs: &refs,
+                    queries: &queries,
+                    unknown: unknown.as_deref(),
+                    false_unknown,
+                    write,
+                    as_json: json,
+                },
+            )
         }
         Command::Db { config, action } => {
             let cfg = load_config(&config)?;
