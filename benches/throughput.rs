@@ -107,6 +107,7 @@ fn main() {
         metrics: metrics.clone(),
         refdb,
         out: tx,
+        max_packet_bytes: 16 << 20,
     };
     let pcfg = PipelineConfig {
         queue_capacity: 64,
@@ -114,6 +115,7 @@ fn main() {
         max_batch: 8,
         max_delay_ms: 5,
         decode_workers: 0,
+        ..PipelineConfig::default()
     };
     let pipeline = Pipeline::start(ctx, engine, &pcfg).unwrap();
     let requests: Vec<bytes::Bytes> = queries

@@ -13,6 +13,15 @@ use serde::{Deserialize, Serialize};
 /// `RETAIL_AGENT__BUS__HOST=broker.local` sets `bus.host`.
 pub const ENV_PREFIX: &str = "RETAIL_AGENT__";
 
+/// Smallest `bus.max_packet_bytes` accepted: below it no request fits.
+pub const MIN_PACKET_BYTES: usize = 1024;
+
+/// Longest `metrics.interval_s` accepted: one day.
+pub const MAX_METRICS_INTERVAL_S: u64 = 86_400;
+
+/// Longest `bus.keep_alive_s` MQTT can carry (a 16-bit field).
+pub const MAX_KEEP_ALIVE_S: u64 = u16::MAX as u64;
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config file {path}: {source}")]
@@ -20,12 +29,37 @@ pub enum ConfigError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("config file {path} is not valid TOML: {message}")]
-    Parse { path: PathBuf, message: String },
+    /// The file is not TOML at all (a syntax error).
+    #[error("config file {path} is not valid TOML: line {line}, column {column}: {message}")]
+    Parse {
+        path: PathBuf,
+        line: usize,
+        column: usize,
+        message: String,
+    },
+    /// The file is TOML, but a key is unknown or its value has the wrong type.
+    #[error("config file {path}: {key}: {message}")]
+    Schema {
+        path: PathBuf,
+        /// Dotted path of the key, e.g. `bus.port`.
+        key: String,
+        message: String,
+    },
     #[error("environment variable {var} does not name a config key: {message}")]
     Env { var: String, message: String },
+    /// An environment override gives a key a value of the wrong type.
+    #[error("environment variable {var} sets {key}: {message}")]
+    EnvValue {
+        var: String,
+        key: String,
+        message: String,
+    },
     #[error("invalid configuration: {0}")]
     Invalid(String),
+    /// The configuration is well-formed but names files or directories this
+    /// machine cannot use (see [`LoadedConfig::check_environment`]).
+    #[error("unusable configuration: {key}: {message}")]
+    Unusable { key: String, message: String },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -236,8 +270,11 @@ pub enum OverflowPolicy {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PipelineConfig {
-    /// Requests waiting to be decoded; beyond it `overflow` applies.
+    /// Requests waiting to be decoded; beyond it `overflow` applies to QoS 0
+    /// requests (QoS 1 ones are held back at the broker instead).
     pub queue_capacity: usize,
+    /// Payload bytes waiting to be decoded; beyond it, as `queue_capacity`.
+    pub queue_max_bytes: usize,
     pub overflow: OverflowPolicy,
     /// Largest inference batch.
     pub max_batch: usize,
@@ -251,6 +288,7 @@ impl Default for PipelineConfig {
     fn default() -> Self {
         Self {
             queue_capacity: 256,
+            queue_max_bytes: 64 * 1024 * 1024,
             overflow: OverflowPolicy::DropOldest,
             max_batch: 8,
             max_delay_ms: 5,
@@ -329,12 +367,22 @@ pub struct TlsConfig {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct MetricsConfig {
+    /// Seconds between two Metrics messages (1 to [`MAX_METRICS_INTERVAL_S`]).
     pub interval_s: u64,
 }
 
 impl Default for MetricsConfig {
     fn default() -> Self {
         Self { interval_s: 10 }
+    }
+}
+
+impl MetricsConfig {
+    /// The period between Metrics messages: `interval_s` held within 1 s
+    /// and [`MAX_METRICS_INTERVAL_S`], so that timers built on it cannot
+    /// overflow even for a config that skipped validation.
+    pub fn period(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.interval_s.clamp(1, MAX_METRICS_INTERVAL_S))
     }
 }
 
@@ -406,25 +454,18 @@ impl LoadedConfig {
         base_dir: PathBuf,
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Self, ConfigError> {
-        let mut value: toml::Table = toml::from_str(text).map_err(|e| ConfigError::Parse {
-            path: origin.to_path_buf(),
-            message: e.message().to_string(),
-        })?;
+        let table: toml::Table =
+            toml::from_str(text).map_err(|e| syntax_error(origin, text, &e))?;
+        let mut overrides = Vec::new();
         for (var, raw) in env {
             if let Some(key) = var.strip_prefix(ENV_PREFIX) {
-                apply_override(&mut value, key, &raw).map_err(|message| ConfigError::Env {
-                    var: var.clone(),
-                    message,
-                })?;
+                match override_key(key) {
+                    Ok(key) => overrides.push(EnvOverride { var, key, raw }),
+                    Err(message) => return Err(ConfigError::Env { var, message }),
+                }
             }
         }
-        let config: AgentConfig =
-            toml::Value::Table(value)
-                .try_into()
-                .map_err(|e: toml::de::Error| ConfigError::Parse {
-                    path: origin.to_path_buf(),
-                    message: e.message().to_string(),
-                })?;
+        let config = deserialize_with_overrides(table, &overrides, origin)?;
         let loaded = Self { config, base_dir };
         loaded.validate()?;
         Ok(loaded)
@@ -455,6 +496,8 @@ impl LoadedConfig {
         self.state_dir().join("trt-engines")
     }
 
+    /// Checks the values on their own (no file-system access): ranges,
+    /// names, combinations.
     fn validate(&self) -> Result<(), ConfigError> {
         let c = &self.config;
         let bad = |m: &str| Err(ConfigError::Invalid(m.to_string()));
@@ -486,8 +529,11 @@ impl LoadedConfig {
         if !(-1.0..=1.0).contains(&c.recognition.unknown_threshold) {
             return bad("recognition.unknown_threshold is a cosine similarity: between -1 and 1");
         }
-        if c.pipeline.max_batch == 0 || c.pipeline.queue_capacity == 0 {
-            return bad("pipeline.max_batch and pipeline.queue_capacity must be at least 1");
+        if c.pipeline.max_batch == 0
+            || c.pipeline.queue_capacity == 0
+            || c.pipeline.queue_max_bytes == 0
+        {
+            return bad("pipeline.max_batch, pipeline.queue_capacity and pipeline.queue_max_bytes must be at least 1");
         }
         if c.limits.max_crops == 0 || c.limits.max_dimension == 0 || c.limits.max_pixels == 0 {
             return bad("limits.* must be at least 1");
@@ -503,8 +549,75 @@ impl LoadedConfig {
         if c.metrics.interval_s == 0 {
             return bad("metrics.interval_s must be at least 1");
         }
+        if c.metrics.interval_s > MAX_METRICS_INTERVAL_S {
+            return Err(ConfigError::Invalid(format!(
+                "metrics.interval_s must be at most {MAX_METRICS_INTERVAL_S} (one day)"
+            )));
+        }
         if c.bus.reconnect_min_ms == 0 || c.bus.reconnect_max_ms < c.bus.reconnect_min_ms {
             return bad("bus.reconnect_min_ms must be >= 1 and <= bus.reconnect_max_ms");
+        }
+        if c.bus.host.trim().is_empty() {
+            return bad("bus.host must not be empty");
+        }
+        if c.bus.port == 0 {
+            return bad("bus.port must be between 1 and 65535");
+        }
+        if c.bus.max_packet_bytes < MIN_PACKET_BYTES {
+            return Err(ConfigError::Invalid(format!(
+                "bus.max_packet_bytes must be at least {MIN_PACKET_BYTES} (no request fits in less)"
+            )));
+        }
+        if c.bus.keep_alive_s > MAX_KEEP_ALIVE_S {
+            return Err(ConfigError::Invalid(format!(
+                "bus.keep_alive_s must be at most {MAX_KEEP_ALIVE_S} (MQTT's limit)"
+            )));
+        }
+        if let Some(tls) = &c.bus.tls {
+            if tls.cert_file.is_some() != tls.key_file.is_some() {
+                return bad(
+                    "bus.tls.cert_file and bus.tls.key_file go together: set both for mutual TLS, or neither",
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// The TLS settings with their paths resolved against the config
+    /// file's directory.
+    pub fn resolved_tls(&self) -> Option<TlsConfig> {
+        self.config.bus.tls.as_ref().map(|tls| TlsConfig {
+            ca_file: self.resolve(&tls.ca_file),
+            cert_file: tls.cert_file.as_ref().map(|p| self.resolve(p)),
+            key_file: tls.key_file.as_ref().map(|p| self.resolve(p)),
+        })
+    }
+
+    /// Checks what the configuration needs from this machine: the TLS files
+    /// it names can be read and hold PEM certificates and a key, and the
+    /// state directory is a directory that exists or can be created and is
+    /// writable. `check-config` and the daemon's start call it; loading does
+    /// not, so that parsing stays free of file-system access.
+    pub fn check_environment(&self) -> Result<(), ConfigError> {
+        if let Some(tls) = self.resolved_tls() {
+            crate::bus::tls::client_config(&tls).map_err(|e| ConfigError::Unusable {
+                key: "bus.tls".into(),
+                message: format!("{e:#}"),
+            })?;
+        }
+        check_writable_dir(&self.state_dir()).map_err(|message| ConfigError::Unusable {
+            key: "state_dir".into(),
+            message,
+        })?;
+        let refdb = self.refdb_dir();
+        if refdb.exists() && !refdb.is_dir() {
+            return Err(ConfigError::Unusable {
+                key: "state_dir".into(),
+                message: format!(
+                    "{} is not a directory (the reference DB lives there)",
+                    refdb.display()
+                ),
+            });
         }
         Ok(())
     }
@@ -519,16 +632,167 @@ impl LoadedConfig {
     }
 }
 
-/// Sets `section__key` (lower-cased, `__`-separated) to `raw`, read as a TOML
-/// value when it parses as one (numbers, booleans, arrays) and as a string
-/// otherwise.
-fn apply_override(table: &mut toml::Table, key: &str, raw: &str) -> Result<(), String> {
+/// Whether `dir` is a writable directory, or can be created: the nearest
+/// existing ancestor must be a writable directory. Nothing is left behind.
+fn check_writable_dir(dir: &Path) -> Result<(), String> {
+    let mut existing = dir;
+    while !existing.exists() {
+        match existing.parent() {
+            Some(parent) if !parent.as_os_str().is_empty() => existing = parent,
+            _ => {
+                existing = Path::new(".");
+                break;
+            }
+        }
+    }
+    if !existing.is_dir() {
+        return Err(if existing == dir {
+            format!("{} exists and is not a directory", dir.display())
+        } else {
+            format!(
+                "{} cannot be created: {} is not a directory",
+                dir.display(),
+                existing.display()
+            )
+        });
+    }
+    // A probe file tells the truth where mode bits do not (root, ACLs,
+    // read-only mounts).
+    tempfile::tempfile_in(existing).map_err(|e| {
+        if existing == dir {
+            format!("{} is not writable: {e}", dir.display())
+        } else {
+            format!(
+                "{} cannot be created: {} is not writable: {e}",
+                dir.display(),
+                existing.display()
+            )
+        }
+    })?;
+    Ok(())
+}
+
+/// The location and line/column of a TOML syntax error.
+fn syntax_error(origin: &Path, text: &str, e: &toml::de::Error) -> ConfigError {
+    let (line, column) = match e.span() {
+        Some(span) => {
+            let before = text.get(..span.start).unwrap_or(text);
+            let line = before.matches('\n').count() + 1;
+            let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+            (line, column)
+        }
+        None => (1, 1),
+    };
+    ConfigError::Parse {
+        path: origin.to_path_buf(),
+        line,
+        column,
+        message: e
+            .message()
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .collect::<Vec<_>>()
+            .join("; "),
+    }
+}
+
+/// One `RETAIL_AGENT__…` environment variable.
+struct EnvOverride {
+    var: String,
+    /// Lower-cased key path, e.g. `["bus", "port"]`.
+    key: Vec<String>,
+    raw: String,
+}
+
+/// The key path that `SECTION__KEY` names (lower-cased, `__`-separated).
+fn override_key(key: &str) -> Result<Vec<String>, String> {
     let parts: Vec<String> = key.split("__").map(|p| p.to_ascii_lowercase()).collect();
     if parts.iter().any(String::is_empty) {
         return Err("empty key segment".into());
     }
-    let value = parse_env_value(raw);
-    let (last, sections) = parts.split_last().ok_or("empty key")?;
+    Ok(parts)
+}
+
+/// Applies `overrides` to `table` and deserializes the result. Each
+/// override is first read as a TOML value (numbers, booleans, arrays); when
+/// the configuration then fails to deserialize at exactly that key, it is
+/// read again as the raw string (`RETAIL_AGENT__BUS__PASSWORD=123456` is a
+/// password, not a number). Errors name the key that is wrong.
+fn deserialize_with_overrides(
+    table: toml::Table,
+    overrides: &[EnvOverride],
+    origin: &Path,
+) -> Result<AgentConfig, ConfigError> {
+    let mut as_string = vec![false; overrides.len()];
+    loop {
+        let mut value = table.clone();
+        for (o, &raw) in overrides.iter().zip(&as_string) {
+            let v = if raw {
+                toml::Value::String(o.raw.clone())
+            } else {
+                parse_env_value(&o.raw)
+            };
+            set_key(&mut value, &o.key, v).map_err(|message| ConfigError::Env {
+                var: o.var.clone(),
+                message,
+            })?;
+        }
+        let err = match serde_path_to_error::deserialize(toml::Value::Table(value)) {
+            Ok(config) => return Ok(config),
+            Err(err) => err,
+        };
+        let failed = map_keys(err.path());
+        let key = display_key(err.path());
+        let message = err.inner().message().trim_end().to_string();
+        // The last variable setting a key is the one that counts.
+        let culprit = overrides
+            .iter()
+            .rposition(|o| failed.as_ref() == Some(&o.key));
+        match culprit {
+            Some(i) if !as_string[i] && !parse_env_value(&overrides[i].raw).is_str() => {
+                as_string[i] = true;
+            }
+            Some(i) => {
+                return Err(ConfigError::EnvValue {
+                    var: overrides[i].var.clone(),
+                    key,
+                    message,
+                })
+            }
+            None => {
+                return Err(ConfigError::Schema {
+                    path: origin.to_path_buf(),
+                    key,
+                    message,
+                })
+            }
+        }
+    }
+}
+
+/// The key names of `path` when it is made of map keys only.
+fn map_keys(path: &serde_path_to_error::Path) -> Option<Vec<String>> {
+    path.iter()
+        .map(|segment| match segment {
+            serde_path_to_error::Segment::Map { key } => Some(key.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+/// `path` as a dotted key, e.g. `bus.port`; the top level as such.
+fn display_key(path: &serde_path_to_error::Path) -> String {
+    if path.iter().next().is_none() {
+        "(top level)".into()
+    } else {
+        path.to_string()
+    }
+}
+
+/// Sets the key at `path` in `table` to `value`, creating sections.
+fn set_key(table: &mut toml::Table, path: &[String], value: toml::Value) -> Result<(), String> {
+    let (last, sections) = path.split_last().ok_or("empty key")?;
     let mut current = table;
     for section in sections {
         let entry = current
@@ -542,6 +806,7 @@ fn apply_override(table: &mut toml::Table, key: &str, raw: &str) -> Result<(), S
     Ok(())
 }
 
+/// `raw` read as a TOML value when it parses as one, else as a string.
 fn parse_env_value(raw: &str) -> toml::Value {
     let probe = format!("v = {raw}");
     match toml::from_str::<toml::Table>(&probe) {
@@ -614,6 +879,246 @@ mod tests {
         let shown = c.to_masked_toml();
         assert!(!shown.contains("hunter2"));
         assert!(shown.contains("********"));
+    }
+
+    #[test]
+    fn syntax_errors_are_not_valid_toml_with_line_and_column() {
+        let err = load("[bus]\nport = = 3\n", &[]).unwrap_err();
+        assert!(matches!(err, ConfigError::Parse { line: 2, .. }), "{err:?}");
+        let text = err.to_string();
+        assert!(
+            text.contains("not valid TOML") && text.contains("line 2"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn type_errors_name_the_key_and_are_not_called_invalid_toml() {
+        let err = load("[bus]\nport = \"18851\"\n", &[]).unwrap_err();
+        assert!(
+            matches!(&err, ConfigError::Schema { key, .. } if key == "bus.port"),
+            "{err:?}"
+        );
+        let text = err.to_string();
+        assert!(
+            text.contains("bus.port: invalid type: string \"18851\", expected u16"),
+            "{text}"
+        );
+        assert!(!text.contains("not valid TOML"), "{text}");
+        let err = load("[bus.tls]\nca_file = 3\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("bus.tls.ca_file"), "{err}");
+    }
+
+    #[test]
+    fn environment_overrides_fall_back_to_a_string_for_string_keys() {
+        let c = load(
+            "",
+            &[
+                ("RETAIL_AGENT__BUS__PASSWORD", "123456"),
+                ("RETAIL_AGENT__DEVICE_ID", "42"),
+                ("RETAIL_AGENT__BUS__USERNAME", "true"),
+                ("RETAIL_AGENT__BUS__PORT", "1999"),
+            ],
+        )
+        .unwrap()
+        .config;
+        assert_eq!(c.bus.password.as_deref(), Some("123456"));
+        assert_eq!(c.device_id, "42");
+        assert_eq!(c.bus.username.as_deref(), Some("true"));
+        assert_eq!(c.bus.port, 1999);
+    }
+
+    #[test]
+    fn environment_overrides_of_the_wrong_type_name_the_variable_and_key() {
+        let err = load("", &[("RETAIL_AGENT__BUS__PORT", "abc")]).unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.contains("RETAIL_AGENT__BUS__PORT") && text.contains("bus.port"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn a_zero_port_is_rejected() {
+        let err = load("[bus]\nport = 0\n", &[]).unwrap_err().to_string();
+        assert!(err.contains("bus.port"), "{err}");
+    }
+
+    #[test]
+    fn a_packet_limit_too_small_for_a_request_is_rejected() {
+        for bytes in [0, 1023] {
+            let err = load(&format!("[bus]\nmax_packet_bytes = {bytes}\n"), &[])
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("bus.max_packet_bytes"), "{err}");
+        }
+        load("[bus]\nmax_packet_bytes = 1024\n", &[]).unwrap();
+    }
+
+    #[test]
+    fn a_metrics_interval_beyond_a_day_is_rejected() {
+        let err = load("[metrics]\ninterval_s = 9223372036854775807\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("metrics.interval_s"), "{err}");
+        load("[metrics]\ninterval_s = 86400\n", &[]).unwrap();
+    }
+
+    #[test]
+    fn the_metrics_period_is_bounded_even_without_validation() {
+        for interval_s in [0, 9_223_372_036_854_775_807, u64::MAX] {
+            let period = MetricsConfig { interval_s }.period();
+            assert!(period >= std::time::Duration::from_secs(1));
+            assert!(period <= std::time::Duration::from_secs(MAX_METRICS_INTERVAL_S));
+            // What the metrics task does with it must not overflow.
+            let _ = std::time::Instant::now() + period;
+        }
+    }
+
+    #[test]
+    fn a_client_certificate_without_a_key_is_rejected() {
+        for tls in [
+            "[bus.tls]\nca_file = \"ca.pem\"\ncert_file = \"c.pem\"\n",
+            "[bus.tls]\nca_file = \"ca.pem\"\nkey_file = \"c.key\"\n",
+        ] {
+            let err = load(tls, &[]).unwrap_err().to_string();
+            assert!(
+                err.contains("cert_file") && err.contains("key_file"),
+                "{err}"
+            );
+        }
+    }
+
+    /// A config in `dir` whose state directory and TLS section are `state`
+    /// and `tls` (TOML, may be empty); loading must succeed.
+    fn load_in(dir: &Path, state: &Path, tls: &str) -> LoadedConfig {
+        LoadedConfig::from_toml(
+            &format!("state_dir = {:?}\n{tls}", state.display().to_string()),
+            &dir.join("agent.toml"),
+            dir.to_path_buf(),
+            std::iter::empty(),
+        )
+        .expect("config parses")
+    }
+
+    /// A self-signed certificate and its key, as PEM files in `dir`.
+    fn write_cert_and_key(dir: &Path) -> (PathBuf, PathBuf) {
+        let certified =
+            rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).expect("certificate");
+        let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+        std::fs::write(&cert, certified.cert.pem()).unwrap();
+        std::fs::write(&key, certified.key_pair.serialize_pem()).unwrap();
+        (cert, key)
+    }
+
+    #[test]
+    fn usable_tls_files_and_state_dir_pass_the_environment_check() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, _key) = write_cert_and_key(dir.path());
+        let tls = format!(
+            "[bus.tls]\nca_file = \"cert.pem\"\ncert_file = {:?}\nkey_file = \"key.pem\"\n",
+            cert.display().to_string()
+        );
+        let cfg = load_in(dir.path(), Path::new("state/not/yet/there"), &tls);
+        cfg.check_environment().unwrap();
+        assert!(
+            !dir.path().join("state").exists(),
+            "the check creates nothing"
+        );
+    }
+
+    #[test]
+    fn missing_or_garbage_tls_files_fail_the_environment_check() {
+        let dir = tempfile::tempdir().unwrap();
+        write_cert_and_key(dir.path());
+        std::fs::write(dir.path().join("garbage.pem"), "not a PEM file\n").unwrap();
+        std::fs::write(
+            dir.path().join("bad-base64.pem"),
+            "-----BEGIN CERTIFICATE-----\n!!!!\n-----END CERTIFICATE-----\n",
+        )
+        .unwrap();
+        let cases = [
+            ("ca_file = \"missing.pem\"", "missing.pem"),
+            ("ca_file = \"garbage.pem\"", "garbage.pem"),
+            ("ca_file = \"bad-base64.pem\"", "bad-base64.pem"),
+            (
+                "ca_file = \"cert.pem\"\ncert_file = \"missing.pem\"\nkey_file = \"key.pem\"",
+                "missing.pem",
+            ),
+            (
+                "ca_file = \"cert.pem\"\ncert_file = \"cert.pem\"\nkey_file = \"missing.key\"",
+                "missing.key",
+            ),
+            (
+                "ca_file = \"cert.pem\"\ncert_file = \"cert.pem\"\nkey_file = \"garbage.pem\"",
+                "garbage.pem",
+            ),
+        ];
+        for (tls, named) in cases {
+            let cfg = load_in(
+                dir.path(),
+                Path::new("state"),
+                &format!("[bus.tls]\n{tls}\n"),
+            );
+            let err = cfg.check_environment().unwrap_err();
+            assert!(matches!(err, ConfigError::Unusable { .. }), "{err:?}");
+            let text = err.to_string();
+            assert!(
+                text.contains("bus.tls") && text.contains(named),
+                "{tls}: {text}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_state_dir_that_is_not_a_directory_fails_the_environment_check() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("file"), "x").unwrap();
+        for state in ["file", "file/state"] {
+            let cfg = load_in(dir.path(), Path::new(state), "");
+            let err = cfg.check_environment().unwrap_err().to_string();
+            assert!(
+                err.contains("state_dir") && err.contains("not a directory"),
+                "{state}: {err}"
+            );
+        }
+        std::fs::create_dir_all(dir.path().join("state")).unwrap();
+        std::fs::write(dir.path().join("state/refdb"), "x").unwrap();
+        let err = load_in(dir.path(), Path::new("state"), "")
+            .check_environment()
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("refdb"), "{err}");
+    }
+
+    #[test]
+    fn a_read_only_state_dir_fails_the_environment_check() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let locked = dir.path().join("locked");
+        std::fs::create_dir(&locked).unwrap();
+        std::fs::set_permissions(&locked, std::fs::Permissions::from_mode(0o555)).unwrap();
+        let mut states = vec![locked.clone(), locked.join("state")];
+        if tempfile::tempfile_in(&locked).is_ok() {
+            // Root writes through mode bits, not into /proc.
+            states = vec![PathBuf::from("/proc/retail-agent-state")];
+            if !Path::new("/proc/self").exists() {
+                return;
+            }
+        }
+        for state in states {
+            let err = load_in(dir.path(), &state, "")
+                .check_environment()
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains("state_dir") && err.contains("not writable"),
+                "{}: {err}",
+                state.display()
+            );
+        }
     }
 
     #[test]

@@ -53,6 +53,7 @@ impl Agent {
     /// connects to the broker (in the background: an unreachable broker is
     /// retried, not fatal).
     pub async fn start(cfg: LoadedConfig) -> anyhow::Result<Self> {
+        cfg.check_environment()?;
         let cfg = Arc::new(cfg);
         let keys = TrustedKeys::parse(&cfg.config.fleet_updates.trusted_keys)
             .context("fleet_updates.trusted_keys")?;
@@ -116,6 +117,7 @@ impl Agent {
             metrics: metrics.clone(),
             refdb: refdb.clone(),
             out: out_tx.clone(),
+            max_packet_bytes: c.bus.max_packet_bytes,
         };
         let pipeline =
             Arc::new(Pipeline::start(ctx, engine, &c.pipeline).context("starting the pipeline")?);
@@ -168,6 +170,7 @@ impl Agent {
                 stopping: stopping_rx,
                 reconnect_min: Duration::from_millis(c.bus.reconnect_min_ms),
                 reconnect_max: Duration::from_millis(c.bus.reconnect_max_ms),
+                max_request_bytes: c.bus.max_packet_bytes,
             }
             .run(),
         );
@@ -179,6 +182,7 @@ impl Agent {
                 capacity: c.bus.outbox_capacity,
                 metrics: metrics.clone(),
                 acks,
+                max_packet_bytes: c.bus.max_packet_bytes,
             }
             .run(),
         );
@@ -190,9 +194,11 @@ impl Agent {
                 c.device_id.clone(),
                 c.bus.encoding,
             );
-            let every = Duration::from_secs(c.metrics.interval_s);
+            let every = c.metrics.period();
             tokio::spawn(async move {
-                let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+                let start = tokio::time::Instant::now();
+                let first = start.checked_add(every).unwrap_or(start);
+                let mut tick = tokio::time::interval_at(first, every);
                 loop {
                     tick.tick().await;
                     let m = metrics.take_interval(&device);

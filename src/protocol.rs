@@ -15,6 +15,26 @@ use crate::vision::RawFormat;
 pub const MAX_REQUEST_ID: usize = 128;
 /// Largest `top_k` honoured; larger values are clamped.
 pub const MAX_TOP_K: usize = 20;
+/// Longest `camera_id` or crop `id` echoed in a result, in bytes.
+pub const MAX_ECHOED_ID: usize = 256;
+/// Longest error text in an Item or ErrorReport, in bytes: texts quoting
+/// the input are cut to this.
+pub const MAX_ERROR_TEXT: usize = 1024;
+
+/// `text` cut to [`MAX_ERROR_TEXT`] bytes (at a character boundary), saying
+/// how much was left out.
+pub fn bounded_text(mut text: String) -> String {
+    if text.len() > MAX_ERROR_TEXT {
+        let total = text.len();
+        let mut end = MAX_ERROR_TEXT - 64;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+        text.push_str(&format!("… ({} more bytes cut)", total - end));
+    }
+    text
+}
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum ProtocolError {
@@ -33,6 +53,8 @@ pub enum ProtocolError {
     RequestId(usize),
     #[error("crops must hold 1 to {max} crops, got {got}")]
     CropCount { got: usize, max: usize },
+    #[error("{field} must be at most {MAX_ECHOED_ID} bytes, got {len}")]
+    EchoedTooLong { field: String, len: usize },
 }
 
 /// Detects a payload's encoding from its first byte, as the contract says.
@@ -197,6 +219,21 @@ impl CropRequest {
                 max: max_crops,
             });
         }
+        // Echoed strings are bounded so that an answer always fits a packet.
+        if let Some(c) = self.camera_id.as_ref().filter(|c| c.len() > MAX_ECHOED_ID) {
+            return Err(ProtocolError::EchoedTooLong {
+                field: "camera_id".into(),
+                len: c.len(),
+            });
+        }
+        for (i, crop) in self.crops.iter().enumerate() {
+            if let Some(id) = crop.id.as_ref().filter(|id| id.len() > MAX_ECHOED_ID) {
+                return Err(ProtocolError::EchoedTooLong {
+                    field: format!("the id of crop {i}"),
+                    len: id.len(),
+                });
+            }
+        }
         Ok(())
     }
 
@@ -209,17 +246,56 @@ impl CropRequest {
     }
 }
 
-/// Reads only `request_id` from a payload that failed to decode fully.
+/// Reads only `request_id` from a payload that failed to decode, or from
+/// the first bytes of one too large to decode: the top-level map is read
+/// key by key and reading stops at `request_id`, so whatever is broken or
+/// cut off after it does not matter. `None` when it cannot be read or is
+/// not a valid request_id.
 pub fn peek_request_id(payload: &[u8]) -> Option<String> {
-    #[derive(Deserialize)]
-    struct Peek {
-        request_id: String,
-    }
     let enc = detect_encoding(payload).ok()?;
-    decode::<Peek>(payload, enc)
-        .ok()
-        .map(|p| p.request_id)
-        .filter(|id| !id.is_empty() && id.len() <= MAX_REQUEST_ID)
+    let mut found = None;
+    let seed = RequestIdSeed(&mut found);
+    // Reading ends with an error on purpose once the id is found (or at a
+    // cut); only `found` matters.
+    let _ = match enc {
+        Encoding::Json => {
+            let mut de = serde_json::Deserializer::from_slice(payload);
+            de::DeserializeSeed::deserialize(seed, &mut de).map_err(|_| ())
+        }
+        Encoding::Msgpack => {
+            let mut de = rmp_serde::Deserializer::from_read_ref(payload);
+            de::DeserializeSeed::deserialize(seed, &mut de).map_err(|_| ())
+        }
+    };
+    found.filter(|id| !id.is_empty() && id.len() <= MAX_REQUEST_ID)
+}
+
+/// Visits a map's entries in order and stops at `request_id`.
+struct RequestIdSeed<'a>(&'a mut Option<String>);
+
+impl<'de> de::DeserializeSeed<'de> for RequestIdSeed<'_> {
+    type Value = ();
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_map(self)
+    }
+}
+
+impl<'de> Visitor<'de> for RequestIdSeed<'_> {
+    type Value = ();
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a map with request_id")
+    }
+    fn visit_map<A: de::MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+            if key == "request_id" {
+                let id: std::borrow::Cow<'de, str> = map.next_value()?;
+                *self.0 = Some(id.into_owned());
+                return Err(de::Error::custom("found"));
+            }
+            map.next_value::<de::IgnoredAny>()?;
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -267,6 +343,7 @@ pub struct Item {
 }
 
 impl Item {
+    /// An error item; the text is cut to [`MAX_ERROR_TEXT`].
     pub fn error(id: String, error: String) -> Self {
         Self {
             id,
@@ -276,7 +353,7 @@ impl Item {
             distance: None,
             candidates: None,
             classifier: None,
-            error: Some(error),
+            error: Some(bounded_text(error)),
         }
     }
 }
@@ -553,6 +630,60 @@ mod tests {
             peek_request_id(br#"{"request_id":"r9","crops":7}"#).as_deref(),
             Some("r9")
         );
+    }
+
+    #[test]
+    fn request_id_is_read_from_broken_or_cut_off_payloads_in_both_encodings() {
+        let json = br#"{"camera_id":"c","request_id":"r-json","crops":[{"image":"AAEC"}]}"#;
+        assert_eq!(peek_request_id(&json[..40]).as_deref(), Some("r-json"));
+        let broken = br#"{"request_id":"r-bad","crops":[{"image":!!!"#;
+        assert_eq!(peek_request_id(broken).as_deref(), Some("r-bad"));
+        #[derive(Serialize)]
+        struct Req<'a> {
+            request_id: &'a str,
+            #[serde(with = "serde_bytes")]
+            frame: Vec<u8>,
+        }
+        let mp = encode(
+            &Req {
+                request_id: "r-mp",
+                frame: vec![7; 5000],
+            },
+            Encoding::Msgpack,
+        );
+        assert_eq!(peek_request_id(&mp[..64]).as_deref(), Some("r-mp"));
+        let mut garbage = mp.clone();
+        garbage.truncate(30);
+        garbage.extend_from_slice(&[0xc1; 8]); // 0xc1 is never valid
+        assert_eq!(peek_request_id(&garbage).as_deref(), Some("r-mp"));
+        // An id after the cut, too long, or of the wrong type is not read.
+        assert_eq!(peek_request_id(&json[..20]), None);
+        let long = format!(r#"{{"request_id":"{}"}}"#, "x".repeat(MAX_REQUEST_ID + 1));
+        assert_eq!(peek_request_id(long.as_bytes()), None);
+        assert_eq!(peek_request_id(br#"{"request_id":7}"#), None);
+        assert_eq!(peek_request_id(b"[1,2]"), None);
+    }
+
+    #[test]
+    fn echoed_ids_and_error_texts_are_bounded() {
+        let long = "x".repeat(MAX_ECHOED_ID + 1);
+        let req = |camera: &str, crop: &str| -> CropRequest {
+            let text = format!(
+                r#"{{"request_id":"r","camera_id":"{camera}","crops":[{{"id":"a","image":"AA=="}},{{"id":"{crop}","image":"AA=="}}]}}"#
+            );
+            decode(text.as_bytes(), Encoding::Json).unwrap()
+        };
+        assert!(req("cam", "b").validate(4).is_ok());
+        let e = req(&long, "b").validate(4).unwrap_err().to_string();
+        assert!(e.contains("camera_id") && e.contains("257"), "{e}");
+        let e = req("cam", &long).validate(4).unwrap_err().to_string();
+        assert!(e.contains("crop 1"), "{e}");
+        let text = bounded_text("é".repeat(1_000_000));
+        assert!(text.len() <= MAX_ERROR_TEXT, "{}", text.len());
+        assert!(text.ends_with("more bytes cut)"));
+        assert_eq!(bounded_text("short".into()), "short");
+        let item = Item::error("0".into(), "y".repeat(10_000_000));
+        assert!(item.error.unwrap().len() <= MAX_ERROR_TEXT);
     }
 
     #[test]

@@ -432,7 +432,11 @@ async fn undecodable_payloads_get_error_reports_and_the_agent_keeps_answering() 
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn overload_drops_and_reports_requests_with_bounded_memory() {
+async fn overload_gets_every_request_answered_or_reported_with_bounded_memory() {
+    // rumqttd delivers at the subscription's QoS (1), not the publisher's
+    // (0), so here the flood is held back at the broker rather than
+    // dropped: every request is answered or reported either way. Drops of
+    // real QoS 0 floods are tested over Mosquitto (tests/reliability.rs).
     let qs = one_query_per_label(&queries());
     let (_home, agent, port) = start_agent(
         "inproc-flood",
@@ -496,13 +500,8 @@ async fn overload_drops_and_reports_requests_with_bounded_memory() {
         }
     }
     let rss_after = vm_rss_kb();
-    assert!(
-        !dropped.is_empty(),
-        "a queue of 2 flooded with {N} requests must drop some"
-    );
     assert!(!answered.is_empty(), "some requests must still be answered");
     let totals = agent.metrics().totals();
-    assert!(totals.dropped > 0);
     assert_eq!(
         totals.dropped,
         dropped.len() as u64,

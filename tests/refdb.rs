@@ -317,3 +317,30 @@ fn a_db_that_opens_older_than_it_was_written_is_reported_corrupt() {
     assert!(err.is_corrupt(), "{err}");
     assert!(err.to_string().contains("lost data"), "{err}");
 }
+
+#[test]
+fn a_db_open_in_another_handle_is_reported_in_use_with_what_to_do() {
+    let dir = tempfile::tempdir().unwrap();
+    let _held = RefDb::open(dir.path(), settings(3, FP, 0)).unwrap();
+    // sled locks with flock, which is per open file: a second open
+    // conflicts even within one process, as `enroll` does with the daemon.
+    let err = match RefDb::open(dir.path(), settings(3, FP, 0)) {
+        Ok(_) => panic!("the DB opened twice"),
+        Err(e) => e,
+    };
+    assert!(
+        matches!(
+            err,
+            RefDbError::Store(retail_agent::refdb::StoreError::InUse { .. })
+        ),
+        "{err:?}"
+    );
+    assert!(!err.is_corrupt(), "a DB in use must never be moved aside");
+    let text = err.to_string();
+    assert!(
+        text.contains("in use by another process")
+            && text.contains("systemctl stop retail-agent")
+            && text.contains("fleet push"),
+        "{text}"
+    );
+}

@@ -49,4 +49,13 @@ pub trait RequestSink: Send + Sync {
     /// Queues `msg`; a message that cannot be queued is the sink's to
     /// report and acknowledge.
     fn submit(&self, msg: Incoming);
+    /// Reports `msg` as not handled for `reason` (over a limit) and
+    /// acknowledges it; never queues it.
+    fn refuse(&self, msg: Incoming, reason: String);
+    /// True while the sink holds as many acknowledged-later (QoS 1)
+    /// requests as it should: the bus then stops reading from the broker,
+    /// which keeps the rest (flow control instead of drops).
+    fn saturated(&self) -> bool {
+        false
+    }
 }

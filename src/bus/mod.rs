@@ -162,6 +162,15 @@ pub fn mqtt_options(
     Ok(o)
 }
 
+/// Largest packet MQTT 3.1.1 can carry (its remaining-length field's
+/// maximum). The agent reads any packet the broker can send, so that one
+/// message never costs it its connection: rumqttc drops a connection on a
+/// larger packet than it accepts, and the broker then delivers the same
+/// message again on every reconnection. Messages over `bus.max_packet_bytes`
+/// are refused after reading (see [`EventLoopTask`]); reading one costs its
+/// size in memory once.
+pub const MQTT_MAX_PACKET: usize = 268_435_455;
+
 /// MQTT options from the config for a session named `client_id`:
 /// persistent session, manual acknowledgements, packet limits,
 /// credentials, TLS.
@@ -171,17 +180,12 @@ pub fn connection_options(cfg: &LoadedConfig, client_id: String) -> anyhow::Resu
     o.set_keep_alive(Duration::from_secs(bus.keep_alive_s.max(5)));
     o.set_clean_session(false);
     o.set_manual_acks(true);
-    o.set_max_packet_size(bus.max_packet_bytes, bus.max_packet_bytes);
+    o.set_max_packet_size(MQTT_MAX_PACKET, bus.max_packet_bytes);
     o.set_inflight(100);
     if let Some(user) = &bus.username {
         o.set_credentials(user.clone(), bus.password.clone().unwrap_or_default());
     }
-    if let Some(tls) = &bus.tls {
-        let resolved = crate::config::TlsConfig {
-            ca_file: cfg.resolve(&tls.ca_file),
-            cert_file: tls.cert_file.as_ref().map(|p| cfg.resolve(p)),
-            key_file: tls.key_file.as_ref().map(|p| cfg.resolve(p)),
-        };
+    if let Some(resolved) = cfg.resolved_tls() {
         let client = tls::client_config(&resolved)?;
         o.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(client)));
     }
@@ -205,6 +209,8 @@ pub struct EventLoopTask {
     pub stopping: watch::Receiver<bool>,
     pub reconnect_min: Duration,
     pub reconnect_max: Duration,
+    /// `bus.max_packet_bytes`: larger requests are refused, not queued.
+    pub max_request_bytes: usize,
 }
 
 impl EventLoopTask {
@@ -235,6 +241,10 @@ impl EventLoopTask {
         let mut offline_echoed = false;
         let mut disconnecting = false;
         loop {
+            if self.requests.saturated() {
+                let limit = self.eventloop.mqtt_options.keep_alive() / 2;
+                hold_back_while_saturated(&*self.requests, &self.stopping, limit).await;
+            }
             match self.eventloop.poll().await {
                 Ok(Event::Incoming(Packet::ConnAck(ack))) => {
                     backoff = self.reconnect_min;
@@ -330,11 +340,21 @@ impl EventLoopTask {
                 return false;
             }
             let ack = (p.qos != QoS::AtMostOnce).then(|| self.acks.register(p.pkid, p.qos as u8));
+            let size = p.payload.len();
             let msg = Incoming {
                 payload: p.payload,
                 received: Instant::now(),
                 ack,
             };
+            if size > self.max_request_bytes {
+                // Consumed, reported and acknowledged: never redelivered.
+                let reason = format!(
+                    "request of {size} bytes exceeds bus.max_packet_bytes ({})",
+                    self.max_request_bytes
+                );
+                self.requests.refuse(msg, reason);
+                return false;
+            }
             // Full queue: the pipeline counts, reports and releases the drop.
             self.requests.submit(msg);
             return false;
@@ -369,6 +389,23 @@ impl EventLoopTask {
     }
 }
 
+/// Flow control: while the pipeline holds all the QoS 1 requests it should,
+/// the event loop stops reading from the broker (TCP then pushes back, and
+/// the broker keeps further messages queued for us). Reading resumes as the
+/// queue drains, or after `limit` (half the keep-alive, so the connection
+/// stays up: rumqttc sends its pings from `poll`). Answers waiting to go out
+/// are buffered in the channels to rumqttc meanwhile.
+async fn hold_back_while_saturated(
+    requests: &dyn RequestSink,
+    stopping: &watch::Receiver<bool>,
+    limit: Duration,
+) {
+    let started = Instant::now();
+    while requests.saturated() && started.elapsed() < limit && !*stopping.borrow() {
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
 fn log_connection_error(e: &ConnectionError, backoff: Duration) {
     warn!(
         retry_in_ms = backoff.as_millis() as u64,
@@ -385,6 +422,9 @@ pub struct PublisherTask {
     pub capacity: usize,
     pub metrics: Arc<Metrics>,
     pub acks: Arc<AckSequencer>,
+    /// `bus.max_packet_bytes`: a larger message is never handed to rumqttc
+    /// (it would drop the connection, and re-send it after reconnecting).
+    pub max_packet_bytes: usize,
 }
 
 impl PublisherTask {
@@ -439,6 +479,21 @@ impl PublisherTask {
     }
 
     async fn send(&self, m: Outbound) {
+        if m.payload.len() + m.topic.len() + 64 > self.max_packet_bytes {
+            // The pipeline replaces results that do not fit; anything else
+            // this large is a bug, reported here instead of looping.
+            tracing::error!(
+                topic = %m.topic,
+                bytes = m.payload.len(),
+                limit = self.max_packet_bytes,
+                "outgoing message over bus.max_packet_bytes: not sent"
+            );
+            self.metrics.add_errors(1);
+            if let Some(ack) = m.ack {
+                self.acks.done(ack, |t| acks::send_ack(&self.client, t));
+            }
+            return;
+        }
         if let Err(e) = self
             .client
             .publish(m.topic.as_str(), qos(m.qos), m.retain, m.payload)

@@ -152,7 +152,9 @@ pub fn run(action: FleetAction) -> anyhow::Result<ExitCode> {
             wait_s,
         } => {
             let cfg = super::load_config(&config)?;
-            let wait = Duration::from_secs(wait_s.unwrap_or(cfg.config.metrics.interval_s + 1));
+            let wait = Duration::from_secs(
+                wait_s.unwrap_or(cfg.config.metrics.interval_s.saturating_add(1)),
+            );
             super::tokio_runtime()?.block_on(status(&cfg, json, watch, wait))
         }
     }

@@ -274,6 +274,7 @@ fn run_command(command: Command) -> anyhow::Result<()> {
         }
         Command::CheckConfig { config } => {
             let cfg = LoadedConfig::load(&config.config)?;
+            cfg.check_environment()?;
             let manifest = crate::manifest::ModelManifest::load(&cfg.manifest_path())?;
             print!("{}", cfg.to_masked_toml());
             eprintln!(

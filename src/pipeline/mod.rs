@@ -9,6 +9,7 @@
 //! beyond "answer in kind".
 
 pub mod queue;
+pub mod reports;
 pub mod request;
 
 use crossbeam_channel::{self as channel, Receiver, RecvTimeoutError, Sender};
@@ -33,6 +34,7 @@ use crate::vision::decode::{clip_bbox, decode_image, raw_image, DecodeLimits, Vi
 use crate::vision::preprocess::{InputGeometry, Normalizer, Preprocessor};
 
 pub use queue::{IngestQueue, Pushed};
+pub use reports::{Refusal, Report, ReportQueue};
 pub use request::{RequestHeader, RequestState};
 
 /// What the pipeline needs to know to answer requests.
@@ -51,7 +53,13 @@ pub struct PipelineContext {
     pub metrics: Arc<Metrics>,
     pub refdb: Arc<RefDb>,
     pub out: tokio::sync::mpsc::Sender<ToBus>,
+    /// `bus.max_packet_bytes`: a result that would not fit becomes an
+    /// ErrorReport.
+    pub max_packet_bytes: usize,
 }
+
+/// Room kept in a packet for the fixed header, the topic and the packet id.
+const PACKET_OVERHEAD: usize = 64;
 
 impl PipelineContext {
     fn send(&self, msg: Outbound) {
@@ -95,10 +103,34 @@ impl PipelineContext {
         ));
     }
 
+    /// Whether a payload for `topic` fits one packet.
+    fn fits(&self, topic: &str, payload: &[u8]) -> bool {
+        payload.len() + topic.len() + PACKET_OVERHEAD <= self.max_packet_bytes
+    }
+
     fn finish(&self, req: &RequestState) {
         let refdb_version = req.refdb_version(self.refdb.meta().version);
         let result = req.result(&self.device_id, &self.model, refdb_version);
         let payload = protocol::encode(&result, req.encoding);
+        if !self.fits(&self.results_topic, &payload) {
+            // Echoed strings are bounded, so only a huge crop count with
+            // large candidate lists gets here: answer with an ErrorReport.
+            self.metrics.add_errors(1);
+            let reason = format!(
+                "the result of {} bytes would exceed bus.max_packet_bytes ({}); send fewer crops per request or lower top_k",
+                payload.len(),
+                self.max_packet_bytes
+            );
+            warn!(parent: req.span(), "{reason}");
+            self.send(error_message(
+                &self.errors_topic,
+                req.encoding,
+                Some(req.request_id.clone()),
+                reason,
+                req.ack,
+            ));
+            return;
+        }
         let t = result.timing_us;
         self.metrics.record(&[
             (Stage::Queue, Duration::from_micros(t.queue)),
@@ -128,7 +160,7 @@ pub fn error_message(
 ) -> Outbound {
     let report = ErrorReport {
         request_id,
-        reason,
+        reason: protocol::bounded_text(reason),
         ts_ms: crate::clock::now_ms(),
     };
     Outbound {
@@ -181,9 +213,8 @@ pub struct Pipeline {
     queue: Arc<IngestQueue<Incoming>>,
     ctx: Arc<PipelineContext>,
     threads: Mutex<Vec<JoinHandle<()>>>,
-    /// Dropped messages on their way to the drop reporter.
-    drops: Mutex<Option<Sender<Incoming>>>,
-    unreported_drops: std::sync::atomic::AtomicU64,
+    /// Dropped and refused messages on their way to the drop reporter.
+    reports: Arc<ReportQueue>,
     /// Embedding jobs for the inference thread (closed on shutdown).
     jobs: Mutex<Option<Sender<EmbedJob>>>,
     geometry: InputGeometry,
@@ -191,27 +222,38 @@ pub struct Pipeline {
     dim: usize,
 }
 
-/// Messages the drop reporter may have waiting; beyond it drops are still
-/// counted but only logged in aggregate (only QoS 0 floods get there: the
-/// broker's in-flight window bounds the QoS 1 messages a client holds).
-const DROP_REPORT_BACKLOG: usize = 1024;
+/// Why a request was dropped for room.
+const DROP_REASON: &str =
+    "dropped: the ingest queue is full (pipeline.queue_capacity / queue_max_bytes, pipeline.overflow)";
 
-/// Reports each dropped message on the errors topic (reading its
-/// request_id means parsing it, kept off the bus's reactor thread) and
+/// Reports each dropped or refused message on the errors topic (reading
+/// its request_id means parsing, kept off the bus's reactor thread) and
 /// releases its acknowledgement.
-fn drop_reporter(ctx: &PipelineContext, rx: Receiver<Incoming>) {
-    while let Ok(dropped) = rx.recv() {
-        let request_id = protocol::peek_request_id(&dropped.payload);
-        warn!(
-            request_id = request_id.as_deref().unwrap_or("-"),
-            "request dropped: ingest queue full"
-        );
-        ctx.report(
-            &dropped.payload,
-            dropped.ack,
-            request_id,
-            "dropped: the ingest queue is full (pipeline.overflow)".into(),
-        );
+fn drop_reporter(ctx: &PipelineContext, reports: &ReportQueue) {
+    while let Some(report) = reports.pop() {
+        match report {
+            Report::One(r) => {
+                let request_id = protocol::peek_request_id(&r.prefix);
+                warn!(
+                    request_id = request_id.as_deref().unwrap_or("-"),
+                    "request not handled: {}", r.reason
+                );
+                ctx.report(&r.prefix, r.ack, request_id, r.reason);
+            }
+            Report::Aggregate(n) => {
+                warn!(count = n, "requests dropped without a report of their own");
+                ctx.send(error_message(
+                    &ctx.errors_topic,
+                    ctx.default_encoding,
+                    None,
+                    format!(
+                        "dropped: {n} more QoS 0 requests while the ingest queue was full and over {} reports were waiting; their request_ids are not known",
+                        reports::MAX_QUEUED
+                    ),
+                    None,
+                ));
+            }
+        }
     }
 }
 
@@ -224,7 +266,11 @@ impl Pipeline {
         cfg: &PipelineConfig,
     ) -> std::io::Result<Self> {
         let ctx = Arc::new(ctx);
-        let queue = Arc::new(IngestQueue::new(cfg.queue_capacity, cfg.overflow));
+        let queue = Arc::new(IngestQueue::new(
+            cfg.queue_capacity,
+            cfg.queue_max_bytes,
+            cfg.overflow,
+        ));
         let geometry = crate::recognizer::geometry(engine.manifest());
         let max_batch = cfg.max_batch.max(1);
         let pool = Arc::new(BufferPool {
@@ -256,12 +302,12 @@ impl Pipeline {
             );
         }
         drop(tx);
-        let (drops_tx, drops_rx) = channel::bounded::<Incoming>(DROP_REPORT_BACKLOG);
-        let reporter_ctx = ctx.clone();
+        let reports = Arc::new(ReportQueue::default());
+        let (reporter_ctx, reporter_queue) = (ctx.clone(), reports.clone());
         threads.push(
             std::thread::Builder::new()
                 .name("drop-reporter".into())
-                .spawn(move || drop_reporter(&reporter_ctx, drops_rx))?,
+                .spawn(move || drop_reporter(&reporter_ctx, &reporter_queue))?,
         );
         let max_delay = Duration::from_millis(cfg.max_delay_ms);
         let (ctx2, pool2) = (ctx.clone(), pool.clone());
@@ -276,8 +322,7 @@ impl Pipeline {
             queue,
             ctx,
             threads: Mutex::new(threads),
-            drops: Mutex::new(Some(drops_tx)),
-            unreported_drops: std::sync::atomic::AtomicU64::new(0),
+            reports,
             jobs: Mutex::new(Some(jobs_tx)),
             geometry,
             max_batch,
@@ -285,35 +330,27 @@ impl Pipeline {
         })
     }
 
-    /// Queues a message without blocking; when the queue is full the
-    /// overflow policy picks the message to drop, which is counted and
+    /// Queues a message without blocking. When the queue is full, the
+    /// overflow policy drops QoS 0 messages (the new one or older ones);
+    /// QoS 1 messages are held (see [`queue`]). Every drop is counted and
     /// reported on the errors topic. Returns whether `msg` was queued.
     pub fn submit(&self, msg: Incoming) -> bool {
-        let (queued, dropped) = match self.queue.push(msg) {
-            Pushed::Queued => (true, None),
-            Pushed::DroppedOldest(old) => (true, Some(old)),
-            Pushed::Rejected(new) => (false, Some(new)),
-        };
+        let bytes = msg.payload.len();
+        let droppable = msg.ack.is_none();
+        let pushed = self.queue.push(msg, bytes, droppable);
         self.ctx.metrics.set_queue_depth(self.queue.len());
-        if let Some(dropped) = dropped {
+        for dropped in pushed.dropped.into_iter().chain(pushed.rejected) {
             self.ctx.metrics.add_dropped(1);
-            let guard = self.drops.lock().unwrap_or_else(|p| p.into_inner());
-            let reported = guard
-                .as_ref()
-                .is_some_and(|tx| tx.try_send(dropped).is_ok());
-            if !reported {
-                let n = self
-                    .unreported_drops
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                if n % 1000 == 0 {
-                    warn!(
-                        unreported = n + 1,
-                        "drop reports are backlogged; drops are counted in metrics only"
-                    );
-                }
-            }
+            self.reports.push(Refusal::of(dropped, DROP_REASON.into()));
         }
-        queued
+        pushed.queued
+    }
+
+    /// Refuses a message without queueing it (over a limit the bus
+    /// checks): counted as an error and reported on the errors topic.
+    pub fn refuse(&self, msg: Incoming, reason: String) {
+        self.ctx.metrics.add_errors(1);
+        self.reports.push(Refusal::of(msg, reason));
     }
 
     pub fn queue_depth(&self) -> usize {
@@ -331,7 +368,7 @@ impl Pipeline {
     pub fn shutdown(&self) -> Vec<Incoming> {
         let left = self.queue.close();
         drop(self.jobs.lock().unwrap_or_else(|p| p.into_inner()).take());
-        drop(self.drops.lock().unwrap_or_else(|p| p.into_inner()).take());
+        self.reports.close();
         let threads = std::mem::take(&mut *self.threads.lock().unwrap_or_else(|p| p.into_inner()));
         for t in threads {
             let _ = t.join();
@@ -407,9 +444,7 @@ fn handle_message(
         .any(|c| c.bbox.is_some())
         .then(|| match &req.frame {
             Some(f) => decode_image(&f.0, &ctx.limits),
-            None => Err(VisionError::Decode(
-                "bbox given but the request has no frame".into(),
-            )),
+            None => Err(VisionError::NoFrame),
         });
     let mut prepared = Vec::with_capacity(n);
     let mut finished = false;
@@ -468,10 +503,8 @@ fn prepare_crop(
                 let rect = clip_bbox(b, img.width(), img.height())?;
                 pre.resize_into(img, Some(rect), rgb)
             }
-            Some(Err(e)) => Err(VisionError::Decode(format!("frame: {e}"))),
-            None => Err(VisionError::Decode(
-                "bbox given but the request has no frame".into(),
-            )),
+            Some(Err(e)) => Err(VisionError::Frame(e.to_string())),
+            None => Err(VisionError::NoFrame),
         },
     }
 }
@@ -689,6 +722,14 @@ impl Pipeline {
 impl RequestSink for Pipeline {
     fn submit(&self, msg: Incoming) {
         Pipeline::submit(self, msg);
+    }
+
+    fn refuse(&self, msg: Incoming, reason: String) {
+        Pipeline::refuse(self, msg, reason);
+    }
+
+    fn saturated(&self) -> bool {
+        self.queue.held_full()
     }
 }
 

@@ -1,45 +1,81 @@
 //! The bounded ingest queue between the bus and the decode workers.
 //!
-//! Pushing never blocks (the MQTT event loop must keep polling): when the
-//! queue is full the overflow policy picks the message to drop and hands it
-//! back so the caller can count and report it. Workers block on `pop`.
+//! Pushing never blocks (the MQTT event loop must keep polling). The queue
+//! is bounded by messages and by payload bytes. Only *droppable* messages
+//! (QoS 0: nobody sends them again) are ever dropped for room: when the
+//! queue is full the overflow policy picks which to drop and hands them back
+//! so the caller can count and report them. A message that is not droppable
+//! (QoS 1: the agent holds its acknowledgement, so the broker holds back
+//! further messages once its in-flight window is full) is queued past the
+//! bounds, up to a hard limit ([`HARD_LIMIT_FACTOR`] times them); the bus
+//! stops reading from the broker while held messages fill the bounds
+//! ([`IngestQueue::held_full`]), so the broker keeps the rest and the hard
+//! limit is a last resort. Workers block on `pop`.
 
 use std::collections::VecDeque;
 use std::sync::{Condvar, Mutex};
 
 use crate::config::OverflowPolicy;
 
+/// How far non-droppable messages may take the queue past its bounds.
+pub const HARD_LIMIT_FACTOR: usize = 4;
+
 pub struct IngestQueue<T> {
     state: Mutex<State<T>>,
     ready: Condvar,
     capacity: usize,
+    max_bytes: usize,
     policy: OverflowPolicy,
 }
 
+struct Entry<T> {
+    item: T,
+    bytes: usize,
+    droppable: bool,
+}
+
 struct State<T> {
-    items: VecDeque<T>,
+    items: VecDeque<Entry<T>>,
+    bytes: usize,
+    /// Non-droppable items and their bytes.
+    held: usize,
+    held_bytes: usize,
     closed: bool,
+}
+
+impl<T> State<T> {
+    /// Whether `bytes` more fit within `factor` times the bounds (a message
+    /// alone always fits the byte bound: the packet limit caps it).
+    fn fits(&self, bytes: usize, capacity: usize, max_bytes: usize, factor: usize) -> bool {
+        self.items.len() < capacity * factor
+            && (self.items.is_empty() || self.bytes + bytes <= max_bytes.saturating_mul(factor))
+    }
 }
 
 /// What `push` did.
 #[derive(Debug)]
-pub enum Pushed<T> {
-    Queued,
-    /// Queued, and this older item was dropped to make room.
-    DroppedOldest(T),
-    /// Not queued: the queue was full (drop-newest) or closed.
-    Rejected(T),
+pub struct Pushed<T> {
+    /// Whether the new item was queued; when not, it is returned in
+    /// `rejected`.
+    pub queued: bool,
+    pub rejected: Option<T>,
+    /// Older droppable items dropped to make room.
+    pub dropped: Vec<T>,
 }
 
 impl<T> IngestQueue<T> {
-    pub fn new(capacity: usize, policy: OverflowPolicy) -> Self {
+    pub fn new(capacity: usize, max_bytes: usize, policy: OverflowPolicy) -> Self {
         Self {
             state: Mutex::new(State {
                 items: VecDeque::with_capacity(capacity.min(4096)),
+                bytes: 0,
+                held: 0,
+                held_bytes: 0,
                 closed: false,
             }),
             ready: Condvar::new(),
             capacity: capacity.max(1),
+            max_bytes: max_bytes.max(1),
             policy,
         }
     }
@@ -48,30 +84,76 @@ impl<T> IngestQueue<T> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    pub fn push(&self, item: T) -> Pushed<T> {
+    /// Queues `item` of `bytes` payload bytes; see the module docs for what
+    /// `droppable` changes.
+    pub fn push(&self, item: T, bytes: usize, droppable: bool) -> Pushed<T> {
+        let rejected = |item| Pushed {
+            queued: false,
+            rejected: Some(item),
+            dropped: Vec::new(),
+        };
         let mut s = self.lock();
         if s.closed {
-            return Pushed::Rejected(item);
+            return rejected(item);
         }
-        let outcome = if s.items.len() < self.capacity {
-            s.items.push_back(item);
-            Pushed::Queued
-        } else {
-            match self.policy {
-                OverflowPolicy::DropNewest => return Pushed::Rejected(item),
-                OverflowPolicy::DropOldest => {
-                    let old = s.items.pop_front();
-                    s.items.push_back(item);
-                    match old {
-                        Some(old) => Pushed::DroppedOldest(old),
-                        None => Pushed::Queued,
+        let (cap, max) = (self.capacity, self.max_bytes);
+        let mut dropped = Vec::new();
+        if !s.fits(bytes, cap, max, 1) {
+            if !droppable {
+                if !s.fits(bytes, cap, max, HARD_LIMIT_FACTOR) {
+                    return rejected(item);
+                }
+            } else if self.policy == OverflowPolicy::DropNewest {
+                return rejected(item);
+            } else {
+                // Drop-oldest: make room from the oldest droppable items;
+                // if they are not enough, the new one goes too.
+                let mut would_free = (0usize, 0usize);
+                let mut enough = false;
+                for e in s.items.iter().filter(|e| e.droppable) {
+                    would_free.0 += 1;
+                    would_free.1 += e.bytes;
+                    let len = s.items.len() - would_free.0;
+                    let b = s.bytes - would_free.1;
+                    if len < cap && (len == 0 || b + bytes <= max) {
+                        enough = true;
+                        break;
                     }
                 }
+                if !enough {
+                    return rejected(item);
+                }
+                let mut to_drop = would_free.0;
+                let mut kept = VecDeque::with_capacity(s.items.len());
+                for e in s.items.drain(..) {
+                    if e.droppable && to_drop > 0 {
+                        to_drop -= 1;
+                        dropped.push(e);
+                    } else {
+                        kept.push_back(e);
+                    }
+                }
+                s.items = kept;
+                s.bytes -= dropped.iter().map(|e| e.bytes).sum::<usize>();
             }
-        };
+        }
+        s.bytes += bytes;
+        if !droppable {
+            s.held += 1;
+            s.held_bytes += bytes;
+        }
+        s.items.push_back(Entry {
+            item,
+            bytes,
+            droppable,
+        });
         drop(s);
         self.ready.notify_one();
-        outcome
+        Pushed {
+            queued: true,
+            rejected: None,
+            dropped: dropped.into_iter().map(|e| e.item).collect(),
+        }
     }
 
     /// Waits for an item; `None` once the queue is closed.
@@ -81,8 +163,13 @@ impl<T> IngestQueue<T> {
             if s.closed {
                 return None;
             }
-            if let Some(item) = s.items.pop_front() {
-                return Some(item);
+            if let Some(e) = s.items.pop_front() {
+                s.bytes -= e.bytes;
+                if !e.droppable {
+                    s.held -= 1;
+                    s.held_bytes -= e.bytes;
+                }
+                return Some(e.item);
             }
             s = self.ready.wait(s).unwrap_or_else(|p| p.into_inner());
         }
@@ -93,7 +180,10 @@ impl<T> IngestQueue<T> {
     pub fn close(&self) -> Vec<T> {
         let mut s = self.lock();
         s.closed = true;
-        let left = s.items.drain(..).collect();
+        s.bytes = 0;
+        s.held = 0;
+        s.held_bytes = 0;
+        let left = s.items.drain(..).map(|e| e.item).collect();
         drop(s);
         self.ready.notify_all();
         left
@@ -101,6 +191,18 @@ impl<T> IngestQueue<T> {
 
     pub fn len(&self) -> usize {
         self.lock().items.len()
+    }
+
+    /// Payload bytes queued.
+    pub fn bytes(&self) -> usize {
+        self.lock().bytes
+    }
+
+    /// Whether held (non-droppable) messages fill the queue's bounds: time
+    /// to stop taking more from the broker.
+    pub fn held_full(&self) -> bool {
+        let s = self.lock();
+        s.held >= self.capacity || (s.held > 0 && s.held_bytes >= self.max_bytes)
     }
 
     pub fn is_empty(&self) -> bool {
@@ -112,27 +214,82 @@ impl<T> IngestQueue<T> {
 mod tests {
     use super::*;
 
+    fn drop_oldest(cap: usize, max_bytes: usize) -> IngestQueue<u32> {
+        IngestQueue::new(cap, max_bytes, OverflowPolicy::DropOldest)
+    }
+
     #[test]
     fn drop_oldest_keeps_the_newest_items() {
-        let q = IngestQueue::new(2, OverflowPolicy::DropOldest);
-        assert!(matches!(q.push(1), Pushed::Queued));
-        assert!(matches!(q.push(2), Pushed::Queued));
-        assert!(matches!(q.push(3), Pushed::DroppedOldest(1)));
+        let q = drop_oldest(2, 1000);
+        assert!(q.push(1, 1, true).queued);
+        assert!(q.push(2, 1, true).queued);
+        let p = q.push(3, 1, true);
+        assert!(p.queued);
+        assert_eq!(p.dropped, vec![1]);
         assert_eq!(q.pop(), Some(2));
         assert_eq!(q.pop(), Some(3));
     }
 
     #[test]
     fn drop_newest_rejects_when_full() {
-        let q = IngestQueue::new(1, OverflowPolicy::DropNewest);
-        assert!(matches!(q.push(1), Pushed::Queued));
-        assert!(matches!(q.push(2), Pushed::Rejected(2)));
+        let q = IngestQueue::new(1, 1000, OverflowPolicy::DropNewest);
+        assert!(q.push(1, 1, true).queued);
+        let p = q.push(2, 1, true);
+        assert_eq!((p.queued, p.rejected), (false, Some(2)));
         assert_eq!(q.len(), 1);
     }
 
     #[test]
+    fn the_byte_bound_drops_as_many_old_items_as_needed() {
+        let q = drop_oldest(100, 100);
+        for i in 0..4 {
+            assert!(q.push(i, 25, true).queued);
+        }
+        assert_eq!(q.bytes(), 100);
+        let p = q.push(9, 60, true);
+        assert!(p.queued);
+        assert_eq!(p.dropped, vec![0, 1, 2], "60 more bytes need 3 of 25 freed");
+        assert_eq!(q.bytes(), 85);
+        // One message larger than the bound alone is still taken.
+        let q = drop_oldest(10, 100);
+        assert!(q.push(1, 500, true).queued);
+        assert_eq!(q.push(2, 1, true).dropped, vec![1]);
+    }
+
+    #[test]
+    fn held_messages_are_never_dropped_and_queue_past_the_bounds() {
+        let q = drop_oldest(2, 1000);
+        assert!(q.push(1, 1, false).queued);
+        assert!(q.push(2, 1, false).queued);
+        // Full of held messages: a droppable one has nothing to evict.
+        let p = q.push(3, 1, true);
+        assert_eq!((p.queued, p.rejected), (false, Some(3)));
+        // A held one goes past the bound, up to the hard limit.
+        for i in 0..(2 * HARD_LIMIT_FACTOR - 2) {
+            assert!(q.push(10 + i as u32, 1, false).queued);
+        }
+        assert_eq!(q.len(), 2 * HARD_LIMIT_FACTOR);
+        assert!(q.held_full());
+        assert!(!q.push(99, 1, false).queued, "the hard limit holds");
+        // A droppable arrival evicts droppable ones only.
+        let q = drop_oldest(2, 1000);
+        assert!(q.push(1, 1, false).queued);
+        assert!(q.push(2, 1, true).queued);
+        assert!(!q.held_full(), "one held of two");
+        assert_eq!(q.push(3, 1, true).dropped, vec![2]);
+        assert_eq!(q.pop(), Some(1));
+        assert_eq!(q.pop(), Some(3));
+        // Held bytes fill the bound too.
+        let q = drop_oldest(100, 10);
+        assert!(q.push(1, 10, false).queued);
+        assert!(q.held_full());
+        assert_eq!(q.pop(), Some(1));
+        assert!(!q.held_full());
+    }
+
+    #[test]
     fn close_wakes_workers_and_returns_what_was_left() {
-        let q = std::sync::Arc::new(IngestQueue::new(4, OverflowPolicy::DropOldest));
+        let q = std::sync::Arc::new(drop_oldest(4, 1000));
         let worker = {
             let q = q.clone();
             std::thread::spawn(move || q.pop())
@@ -140,6 +297,6 @@ mod tests {
         std::thread::sleep(std::time::Duration::from_millis(20));
         assert!(q.close().is_empty());
         assert_eq!(worker.join().unwrap(), None);
-        assert!(matches!(q.push(9), Pushed::Rejected(9)));
+        assert!(!q.push(9, 1, true).queued);
     }
 }

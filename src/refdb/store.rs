@@ -29,12 +29,24 @@ pub enum StoreError {
         /// permission error): moving them aside may help.
         corrupt: bool,
     },
+    /// Another process (usually the running agent) holds the DB's lock.
+    #[error("the reference DB at {path} is in use by another process (is the retail-agent service running?). Stop the agent first (`systemctl stop retail-agent`), or send the references to the running agent as a fleet update (`retail-agent fleet push`)")]
+    InUse { path: PathBuf },
     #[error("reference DB I/O failed: {0}")]
     Io(#[from] sled::Error),
     #[error("reference DB record {key} is corrupt: {message}")]
     Corrupt { key: String, message: String },
     #[error("reference DB at {path} has layout version {found}; this agent reads {FORMAT}")]
     Format { path: PathBuf, found: u32 },
+}
+
+/// Whether sled failed to open because another process holds the DB's
+/// file lock. sled reports it as a plain I/O error ("could not acquire lock
+/// on …"), so its text is the only sign.
+fn is_lock_conflict(e: &sled::Error) -> bool {
+    matches!(e, sled::Error::Io(io)
+        if io.kind() == std::io::ErrorKind::WouldBlock
+            || io.to_string().contains("could not acquire lock"))
 }
 
 /// A reference as stored on disk.
@@ -76,6 +88,11 @@ impl Store {
             corrupt,
         };
         let sled_err = |e: sled::Error| {
+            if is_lock_conflict(&e) {
+                return StoreError::InUse {
+                    path: dir.to_path_buf(),
+                };
+            }
             let corrupt = matches!(
                 e,
                 sled::Error::Corruption { .. }

@@ -39,8 +39,8 @@ pub enum VisionError {
         expected: usize,
         actual: usize,
     },
-    #[error("bbox {0:?} is invalid: it needs 4 finite numbers [x, y, w, h] with w, h > 0")]
-    BadBox(Vec<f64>),
+    #[error("bbox {0} is invalid: it needs 4 finite numbers [x, y, w, h] with w, h > 0")]
+    BadBox(String),
     #[error("bbox {bbox:?} lies outside the {width}x{height} frame")]
     BoxOutsideFrame {
         bbox: [f64; 4],
@@ -49,6 +49,11 @@ pub enum VisionError {
     },
     #[error("cannot resize: {0}")]
     Resize(String),
+    /// The request's frame, which this bbox refers to, is unusable.
+    #[error("the request's frame is unusable: {0}")]
+    Frame(String),
+    #[error("bbox given but the request has no frame")]
+    NoFrame,
 }
 
 /// Size limits applied to every image the agent decodes.
@@ -208,12 +213,21 @@ pub struct CropRect {
 /// Clips a detector box `[x, y, w, h]` to a `width` x `height` frame. A box
 /// that extends past the frame is clipped (detectors emit such boxes); one
 /// with less than a pixel left is an error.
+/// A bbox as sent, for an error: at most its first 4 numbers and its length.
+fn describe_box(bbox: &[f64]) -> String {
+    if bbox.len() <= 4 {
+        format!("{bbox:?}")
+    } else {
+        format!("{:?}… ({} numbers)", &bbox[..4], bbox.len())
+    }
+}
+
 pub fn clip_bbox(bbox: &[f64], width: u32, height: u32) -> Result<CropRect, VisionError> {
     let [x, y, w, h] = match bbox {
         [x, y, w, h] if bbox.iter().all(|v| v.is_finite()) && *w > 0.0 && *h > 0.0 => {
             [*x, *y, *w, *h]
         }
-        _ => return Err(VisionError::BadBox(bbox.to_vec())),
+        _ => return Err(VisionError::BadBox(describe_box(bbox))),
     };
     let x0 = x.max(0.0);
     let y0 = y.max(0.0);
