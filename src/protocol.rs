@@ -81,10 +81,22 @@ pub fn decode<'a, T: Deserialize<'a>>(
             encoding: "JSON",
             message: e.to_string(),
         }),
-        Encoding::Msgpack => rmp_serde::from_slice(payload).map_err(|e| ProtocolError::Malformed {
-            encoding: "MessagePack",
-            message: e.to_string(),
-        }),
+        Encoding::Msgpack => {
+            let malformed = |message: String| ProtocolError::Malformed {
+                encoding: "MessagePack",
+                message,
+            };
+            let mut rd: &[u8] = payload;
+            let mut de = rmp_serde::Deserializer::new(&mut rd);
+            let value = T::deserialize(&mut de).map_err(|e| malformed(e.to_string()))?;
+            drop(de);
+            // As JSON does: one value, nothing after it.
+            let rest = rd.len();
+            if rest > 0 {
+                return Err(malformed(format!("{rest} bytes after the end of the map")));
+            }
+            Ok(value)
+        }
     }
 }
 
@@ -157,18 +169,42 @@ pub struct RawPixels {
     pub data: Bytes,
 }
 
-/// One crop of a request as sent; "exactly one of image/raw/bbox" is
-/// checked per crop ([`Crop::source`]) so one bad crop fails alone.
-#[derive(Debug, Clone, Deserialize)]
+/// One crop of a request as sent. Whatever is wrong with a crop (a field
+/// of the wrong type, bad base64, not exactly one of image/raw/bbox) makes
+/// it an item error, never its whole request: the crop is first read as a
+/// generic value and only then as its fields ([`Crop::source`] says why it
+/// cannot be used). Its `id` is read on its own so that even a broken crop
+/// is answered under its id.
+#[derive(Debug, Clone)]
 pub struct Crop {
-    #[serde(default)]
     pub id: Option<String>,
+    fields: Result<CropFields, String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+struct CropFields {
     #[serde(default)]
-    pub image: Option<Bytes>,
+    image: Option<Bytes>,
     #[serde(default)]
-    pub raw: Option<RawPixels>,
+    raw: Option<RawPixels>,
     #[serde(default)]
-    pub bbox: Option<Vec<f64>>,
+    bbox: Option<Vec<f64>>,
+}
+
+impl<'de> Deserialize<'de> for Crop {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let value = rmpv::Value::deserialize(d)?;
+        let id = match &value {
+            rmpv::Value::Map(entries) => entries
+                .iter()
+                .find(|(k, _)| k.as_str() == Some("id"))
+                .and_then(|(_, v)| v.as_str().map(str::to_string)),
+            _ => None,
+        };
+        let fields = rmpv::ext::from_value::<CropFields>(value)
+            .map_err(|e| format!("invalid crop: {}", bounded_text(e.to_string())));
+        Ok(Self { id, fields })
+    }
 }
 
 /// Where a crop's pixels come from.
@@ -181,13 +217,19 @@ pub enum CropSource<'a> {
 
 impl Crop {
     pub fn source(&self) -> Result<CropSource<'_>, String> {
-        match (&self.image, &self.raw, &self.bbox) {
+        let f = self.fields.as_ref().map_err(Clone::clone)?;
+        match (&f.image, &f.raw, &f.bbox) {
             (Some(i), None, None) => Ok(CropSource::Image(&i.0)),
             (None, Some(r), None) => Ok(CropSource::Raw(r)),
             (None, None, Some(b)) => Ok(CropSource::Bbox(b)),
             (None, None, None) => Err("crop has none of image, raw or bbox".into()),
             _ => Err("crop must have exactly one of image, raw or bbox".into()),
         }
+    }
+
+    /// Whether the crop refers to the request's frame.
+    pub fn has_bbox(&self) -> bool {
+        self.fields.as_ref().is_ok_and(|f| f.bbox.is_some())
     }
 }
 
@@ -662,6 +704,62 @@ mod tests {
         assert_eq!(peek_request_id(long.as_bytes()), None);
         assert_eq!(peek_request_id(br#"{"request_id":7}"#), None);
         assert_eq!(peek_request_id(b"[1,2]"), None);
+    }
+
+    #[test]
+    fn one_bad_crop_fails_alone_in_either_encoding_and_keeps_its_id() {
+        let json = br#"{"request_id":"r","crops":[{"id":"ok","image":"AAEC"},{"id":"b64","image":"not base64!"},{"id":"num","image":7},{"raw":{"width":"x"}}]}"#;
+        let req: CropRequest = decode(json, Encoding::Json).expect("the envelope is fine");
+        assert!(req.crops[0].source().is_ok());
+        let e = req.crops[1].source().unwrap_err();
+        assert!(e.contains("base64"), "{e}");
+        assert_eq!(req.crop_id(1), "b64");
+        assert!(req.crops[2].source().is_err());
+        assert_eq!(req.crop_id(2), "num");
+        assert!(req.crops[3].source().is_err());
+        assert_eq!(req.crop_id(3), "3");
+        #[derive(Serialize)]
+        struct Mp<'a> {
+            request_id: &'a str,
+            crops: Vec<rmpv::Value>,
+        }
+        let mp = encode(
+            &Mp {
+                request_id: "r",
+                crops: vec![
+                    rmpv::Value::Map(vec![
+                        ("id".into(), "s".into()),
+                        ("image".into(), "bad base64 in a str!".into()),
+                    ]),
+                    rmpv::Value::Map(vec![("image".into(), rmpv::Value::Binary(vec![1, 2]))]),
+                    rmpv::Value::from(5),
+                ],
+            },
+            Encoding::Msgpack,
+        );
+        let req: CropRequest = decode(&mp, Encoding::Msgpack).expect("the envelope is fine");
+        assert!(req.crops[0].source().unwrap_err().contains("base64"));
+        assert_eq!(req.crop_id(0), "s");
+        assert!(matches!(
+            req.crops[1].source(),
+            Ok(CropSource::Image(&[1, 2]))
+        ));
+        assert!(req.crops[2].source().is_err());
+    }
+
+    #[test]
+    fn trailing_bytes_are_refused_in_both_encodings() {
+        let json = br#"{"request_id":"r","crops":[]} x"#;
+        assert!(decode::<CropRequest>(json, Encoding::Json).is_err());
+        #[derive(Serialize, Deserialize, Debug)]
+        struct T {
+            a: u8,
+        }
+        let mut mp = encode(&T { a: 1 }, Encoding::Msgpack);
+        assert!(decode::<T>(&mp, Encoding::Msgpack).is_ok());
+        mp.extend_from_slice(&[0xc0, 0xc0]);
+        let e = decode::<T>(&mp, Encoding::Msgpack).unwrap_err().to_string();
+        assert!(e.contains("2 bytes after"), "{e}");
     }
 
     #[test]

@@ -280,8 +280,8 @@ async fn answers_never_exceed_the_packet_limit_and_never_loop_the_connection() {
             ]),
         )])
     };
-    // 1. A result that would not fit: 400 crops x 12 candidates.
-    let many: Vec<Mp> = (0..400).map(|_| raw()).collect();
+    // 1. A result that would not fit: 300 crops x 12 candidates.
+    let many: Vec<Mp> = (0..300).map(|_| raw()).collect();
     c.publish(
         &crops,
         1,
@@ -322,7 +322,7 @@ async fn answers_never_exceed_the_packet_limit_and_never_loop_the_connection() {
         &mut c,
         &errors,
         "many-crops",
-        Duration::from_secs(30),
+        Duration::from_secs(90),
         &mut seen,
     )
     .await;
@@ -332,7 +332,7 @@ async fn answers_never_exceed_the_packet_limit_and_never_loop_the_connection() {
         &mut c,
         &errors,
         "long-id",
-        Duration::from_secs(30),
+        Duration::from_secs(90),
         &mut seen,
     )
     .await;
@@ -342,7 +342,7 @@ async fn answers_never_exceed_the_packet_limit_and_never_loop_the_connection() {
         &mut c,
         &results,
         "long-bbox",
-        Duration::from_secs(30),
+        Duration::from_secs(90),
         &mut seen,
     )
     .await;
@@ -355,7 +355,7 @@ async fn answers_never_exceed_the_packet_limit_and_never_loop_the_connection() {
         &mut c,
         &results,
         "after-4",
-        Duration::from_secs(30),
+        Duration::from_secs(90),
         &mut seen,
     )
     .await;

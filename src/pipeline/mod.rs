@@ -441,7 +441,7 @@ fn handle_message(
     let frame: Option<Result<RgbImage, VisionError>> = req
         .crops
         .iter()
-        .any(|c| c.bbox.is_some())
+        .any(protocol::Crop::has_bbox)
         .then(|| match &req.frame {
             Some(f) => decode_image(&f.0, &ctx.limits),
             None => Err(VisionError::NoFrame),
