@@ -171,6 +171,7 @@ impl Agent {
                 reconnect_min: Duration::from_millis(c.bus.reconnect_min_ms),
                 reconnect_max: Duration::from_millis(c.bus.reconnect_max_ms),
                 max_request_bytes: c.bus.max_packet_bytes,
+                warn_duplicate: AtomicBool::new(true),
             }
             .run(),
         );

@@ -492,3 +492,70 @@ async fn a_qos0_flood_gets_every_request_answered_or_reported_and_full_speed_aft
     );
     agent.stop().await.expect("clean stop");
 }
+
+/// Kills the child process when dropped.
+struct Killed(std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn two_agents_with_one_device_id_say_so_and_back_off_instead_of_fighting() {
+    let broker = Mosquitto::start("");
+    let dev = "twin";
+    // Default backoff (200 ms doubling to 30 s), not the tests' fast one.
+    let homes: Vec<AgentHome> = (0..2)
+        .map(|_| {
+            enrolled_home(
+                &format!("device_id = {dev:?}\nfleet = \"store-9\""),
+                &format!("[bus]\nport = {}\n", broker.port),
+            )
+        })
+        .collect();
+    let agents: Vec<Killed> = homes
+        .iter()
+        .map(|h| {
+            let log = std::fs::File::create(h.path().join("agent.log")).unwrap();
+            Killed(
+                std::process::Command::new(env!("CARGO_BIN_EXE_retail-agent"))
+                    .args(["run", "-c"])
+                    .arg(&h.config_path)
+                    .env("RUST_LOG", "info")
+                    .stdout(std::process::Stdio::null())
+                    .stderr(log)
+                    .spawn()
+                    .expect("start retail-agent run"),
+            )
+        })
+        .collect();
+    std::thread::sleep(Duration::from_secs(15));
+    drop(agents);
+    let logs: Vec<String> = homes
+        .iter()
+        .map(|h| std::fs::read_to_string(h.path().join("agent.log")).unwrap())
+        .collect();
+    let said_so = logs.iter().any(|l| {
+        l.contains("another agent is online with this device_id")
+            || l.contains("is another agent using this device_id")
+    });
+    let connections: Vec<usize> = logs
+        .iter()
+        .map(|l| l.matches("connected to the broker").count())
+        .collect();
+    assert!(
+        said_so,
+        "no agent named the duplicate device_id:\n{}",
+        logs.join("\n---\n")
+    );
+    // Reconnecting at the minimum delay would be ~75 connections each in
+    // 15 s; doubling with jitter allows at most ~8.
+    assert!(
+        connections.iter().all(|&n| n <= 12),
+        "connections per agent in 15 s: {connections:?}"
+    );
+    eprintln!("two agents, one device_id, 15 s: connections {connections:?}");
+}

@@ -211,6 +211,51 @@ pub struct EventLoopTask {
     pub reconnect_max: Duration,
     /// `bus.max_packet_bytes`: larger requests are refused, not queued.
     pub max_request_bytes: usize,
+    /// Set on each connection; cleared once the "duplicate device_id"
+    /// error has been logged for it.
+    pub warn_duplicate: AtomicBool,
+}
+
+/// A connection up this long counts as healthy: the reconnection backoff
+/// starts over after it ends.
+pub const HEALTHY_CONNECTION: Duration = Duration::from_secs(30);
+/// Connections in a row closed before [`HEALTHY_CONNECTION`] after which
+/// the agent says it suspects a duplicate client id.
+const SHORT_LIVED_WARNING: u32 = 3;
+
+/// Capped exponential reconnection backoff with jitter: each delay is drawn
+/// uniformly from [base/2, base], and the base doubles up to the maximum, so
+/// a fleet that lost its broker does not come back in lockstep.
+#[derive(Debug, Clone)]
+pub struct Backoff {
+    min: Duration,
+    max: Duration,
+    base: Duration,
+}
+
+impl Backoff {
+    pub fn new(min: Duration, max: Duration) -> Self {
+        Self {
+            min,
+            max: max.max(min),
+            base: min,
+        }
+    }
+
+    /// The delay before the next attempt; doubles the base for the one after.
+    pub fn next_delay(&mut self) -> Duration {
+        use rand::Rng;
+        let base = self.base;
+        self.base = (self.base * 2).min(self.max);
+        let low = base / 2;
+        let spread = (base - low).as_micros() as u64;
+        low + Duration::from_micros(rand::thread_rng().gen_range(0..=spread))
+    }
+
+    /// After a healthy connection: start from the minimum again.
+    pub fn reset(&mut self) {
+        self.base = self.min;
+    }
 }
 
 impl EventLoopTask {
@@ -234,7 +279,9 @@ impl EventLoopTask {
         network.set_tcp_nodelay(true);
         network.set_connection_timeout(10);
         self.eventloop.set_network_options(network);
-        let mut backoff = self.reconnect_min;
+        let mut backoff = Backoff::new(self.reconnect_min, self.reconnect_max);
+        let mut connected_at: Option<Instant> = None;
+        let mut short_lived = 0u32;
         let mut saved: Vec<Request> = Vec::new();
         // Shutdown: the broker has handled our offline Status (it came back
         // on our own status topic), and DISCONNECT has been requested.
@@ -247,7 +294,8 @@ impl EventLoopTask {
             }
             match self.eventloop.poll().await {
                 Ok(Event::Incoming(Packet::ConnAck(ack))) => {
-                    backoff = self.reconnect_min;
+                    connected_at = Some(Instant::now());
+                    self.warn_duplicate.store(true, Ordering::Relaxed);
                     if !ack.session_present && !saved.is_empty() {
                         // rumqttc drops its in-flight messages when the broker has
                         // no session for us; send them again ourselves.
@@ -283,6 +331,26 @@ impl EventLoopTask {
                         debug!("connection closed during shutdown: {e}");
                         break;
                     }
+                    // The backoff starts over only after a connection that
+                    // stayed up: a broker that drops us right after
+                    // CONNACK (a duplicate client id, an oversized packet)
+                    // must not make us reconnect at full speed forever.
+                    match connected_at.take().map(|t| t.elapsed()) {
+                        Some(up) if up >= HEALTHY_CONNECTION => {
+                            backoff.reset();
+                            short_lived = 0;
+                        }
+                        Some(_) => {
+                            short_lived += 1;
+                            if short_lived == SHORT_LIVED_WARNING {
+                                tracing::error!(
+                                    client_id = %self.eventloop.mqtt_options.client_id(),
+                                    "the broker closed {short_lived} connections in a row soon after accepting them: is another agent using this device_id / client id? Each device needs its own device_id"
+                                );
+                            }
+                        }
+                        None => {}
+                    }
                     saved = self
                         .eventloop
                         .pending
@@ -294,16 +362,16 @@ impl EventLoopTask {
                     self.eventloop
                         .mqtt_options
                         .set_last_will(self.status.will(&self.topics.status));
-                    log_connection_error(&e, backoff);
+                    let wait = backoff.next_delay();
+                    log_connection_error(&e, wait);
                     let mut stopping = self.stopping.clone();
                     tokio::select! {
-                        _ = tokio::time::sleep(backoff) => {}
+                        _ = tokio::time::sleep(wait) => {}
                         _ = stopping.changed() => {}
                     }
                     if *self.stopping.borrow() {
                         break;
                     }
-                    backoff = (backoff * 2).min(self.reconnect_max);
                 }
             }
             // Disconnect only once every QoS 1 publish, the offline Status
@@ -374,10 +442,23 @@ impl EventLoopTask {
         let peek = protocol::detect_encoding(payload)
             .ok()
             .and_then(|enc| protocol::decode::<StatusPeek>(payload, enc).ok());
-        let Some(peek) = peek.filter(|p| p.state == AgentState::Offline) else {
+        let Some(peek) = peek else {
             return false;
         };
-        if peek.boot_id.as_deref() == Some(self.status.boot_id().as_str()) {
+        let ours = self.status.boot_id();
+        if peek.state == AgentState::Online {
+            if let Some(other) = peek.boot_id.as_deref().filter(|b| *b != ours) {
+                if self.warn_duplicate.swap(false, Ordering::Relaxed) {
+                    tracing::error!(
+                        other_boot_id = other,
+                        "another agent is online with this device_id ({}): two devices share it, and the broker disconnects one whenever the other connects. Give each device its own device_id",
+                        self.status.device_id
+                    );
+                }
+            }
+            return false;
+        }
+        if peek.boot_id.as_deref() == Some(ours.as_str()) {
             return true;
         }
         info!(
@@ -505,5 +586,29 @@ impl PublisherTask {
         if let Some(ack) = m.ack {
             self.acks.done(ack, |t| acks::send_ack(&self.client, t));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_to_the_maximum_with_jitter_and_starts_over_on_reset() {
+        let ms = Duration::from_millis;
+        let mut b = Backoff::new(ms(100), ms(1000));
+        let delays: Vec<Duration> = (0..6).map(|_| b.next_delay()).collect();
+        for (d, base) in delays.iter().zip([100, 200, 400, 800, 1000, 1000]) {
+            assert!(
+                *d >= ms(base / 2) && *d <= ms(base),
+                "{d:?} for base {base}"
+            );
+        }
+        let spread: std::collections::HashSet<Duration> = (0..50)
+            .map(|_| Backoff::new(ms(1000), ms(1000)).next_delay())
+            .collect();
+        assert!(spread.len() > 10, "delays are jittered");
+        b.reset();
+        assert!(b.next_delay() <= ms(100));
     }
 }
