@@ -344,3 +344,118 @@ fn a_db_open_in_another_handle_is_reported_in_use_with_what_to_do() {
         "{text}"
     );
 }
+
+/// `n` image references of about `kb` KiB each, after a Clear: a whole
+/// new content, as `db import` and fleet snapshots send.
+fn snapshot_ops(n: usize, kb: usize, round: u8) -> Vec<RefOp> {
+    let mut ops = vec![RefOp::Clear];
+    for i in 0..n {
+        let bytes: Vec<u8> = (0..kb * 1024)
+            .map(|j| (j as u8).wrapping_mul(31) ^ round ^ i as u8)
+            .collect();
+        let v = [1.0, (i as f32).sin(), round as f32];
+        ops.push(img(&format!("p{i:03}"), &format!("l{}", i % 7), &bytes, &v));
+    }
+    ops
+}
+
+#[test]
+fn replacing_the_whole_content_again_and_again_keeps_the_db_size_proportional() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("refdb");
+    let db = RefDb::open(&path, settings(3, FP, 0)).unwrap();
+    db.apply(snapshot_ops(40, 64, 0), 1, Some("u-1")).unwrap();
+    let first = db.size_on_disk();
+    for round in 1..=15u8 {
+        let id = format!("u-{}", round as u64 + 1);
+        let meta = db
+            .apply(snapshot_ops(40, 64, round), round as u64 + 1, Some(&id))
+            .unwrap();
+        assert_eq!(meta.refs, 40);
+    }
+    let last = db.size_on_disk();
+    eprintln!(
+        "size on disk after 1 and 16 whole-content replacements: {} and {} KiB",
+        first / 1024,
+        last / 1024
+    );
+    assert!(
+        last <= first + first / 2,
+        "grew from {first} to {last} bytes"
+    );
+    // The ledger and the content survive the swaps, and a reopen.
+    assert!(db.was_applied("u-1").unwrap());
+    assert!(db.image("p039").unwrap().is_some());
+    let meta = db.meta();
+    drop(db);
+    assert!(!dir.path().join("refdb.next").exists(), "nothing left beside it");
+    let db = RefDb::open(&path, settings(3, FP, 0)).unwrap();
+    assert_eq!(db.meta(), meta);
+    assert!(db.was_applied("u-16").unwrap());
+}
+
+#[test]
+fn a_replacement_interrupted_before_or_after_its_swap_leaves_a_whole_db() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("refdb");
+    let db = RefDb::open(&path, settings(3, FP, 0)).unwrap();
+    let meta = db.apply(snapshot_ops(5, 4, 0), 1, None).unwrap();
+    drop(db);
+    // What a crash mid-build leaves: a half-written DB beside the live one.
+    let next = dir.path().join("refdb.next");
+    std::fs::create_dir_all(&next).unwrap();
+    std::fs::write(next.join("db"), b"half written").unwrap();
+    let db = RefDb::open(&path, settings(3, FP, 0)).unwrap();
+    assert_eq!(db.meta(), meta, "the live DB is untouched");
+    assert!(!next.exists(), "the leftover is removed at open");
+}
+
+#[test]
+fn a_change_larger_than_the_free_space_is_refused_before_writing() {
+    // A small tmpfs is a full disk we control (needs root, as these tests
+    // run in CI; the failure says so otherwise).
+    let dir = tempfile::tempdir().unwrap();
+    let mnt = dir.path().join("small");
+    std::fs::create_dir_all(&mnt).unwrap();
+    let status = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=48m", "tmpfs"])
+        .arg(&mnt)
+        .status()
+        .expect("run mount");
+    assert!(status.success(), "mounting a 48 MiB tmpfs needs root");
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(&self.0)
+                .status();
+        }
+    }
+    let _unmount = Unmount(mnt.clone());
+    let path = mnt.join("refdb");
+    let db = RefDb::open(&path, settings(3, FP, 0)).unwrap();
+    let meta = db.apply(snapshot_ops(20, 64, 0), 1, Some("small")).unwrap();
+    // 40 MiB of images do not fit with the margin: refused, nothing written.
+    let mut big = vec![];
+    for i in 0..40 {
+        let bytes = vec![i as u8; 1024 * 1024];
+        big.push(img(&format!("big{i}"), "big", &bytes, &[1.0, 0.0, 0.0]));
+    }
+    let err = db.apply(big, 2, Some("big")).unwrap_err().to_string();
+    assert!(err.contains("not enough free space"), "{err}");
+    assert_eq!(db.meta(), meta);
+    let mut whole = snapshot_ops(0, 0, 0);
+    for i in 0..40 {
+        let bytes = vec![i as u8; 1024 * 1024];
+        whole.push(img(&format!("big{i}"), "big", &bytes, &[1.0, 0.0, 0.0]));
+    }
+    let err = db.apply(whole, 2, Some("big")).unwrap_err().to_string();
+    assert!(err.contains("not enough free space"), "{err}");
+    assert_eq!(db.meta(), meta);
+    // The DB still serves and still takes a change that fits.
+    db.apply(snapshot_ops(20, 64, 1), 2, Some("fits")).unwrap();
+    drop(db);
+    let db = RefDb::open(&path, settings(3, FP, 0)).unwrap();
+    assert_eq!(db.meta().version, 2);
+}

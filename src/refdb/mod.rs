@@ -61,6 +61,15 @@ struct Locked<'a> {
     version: u64,
 }
 
+/// Rough bytes a stored reference takes on disk (for the free-space check).
+fn stored_size(r: &StoredRef) -> u64 {
+    (r.image.as_ref().map_or(0, Vec::len)
+        + r.embedding.len() * 4
+        + r.ref_id.len()
+        + r.label.len()
+        + 256) as u64
+}
+
 /// Whether the ledger holds `update_id`; a read error counts as "no" (the
 /// stale and gap rules still guard the DB) and is logged.
 fn ledger_has(store: &Store, update_id: &str) -> bool {
@@ -84,7 +93,7 @@ impl LedgerView for RefDb {
         self.snapshot().meta.version
     }
     fn was_applied(&self, update_id: &str) -> bool {
-        ledger_has(&self.store, update_id)
+        ledger_has(&self.store(), update_id)
     }
 }
 
@@ -221,7 +230,9 @@ impl Snapshot {
 }
 
 pub struct RefDb {
-    store: Store,
+    /// Replaced as a whole when the DB's whole content is (see
+    /// [`RefDb::apply_guarded`]).
+    store: RwLock<Arc<Store>>,
     dir: std::path::PathBuf,
     settings: RefDbSettings,
     current: RwLock<Arc<Snapshot>>,
@@ -243,10 +254,11 @@ struct Working {
 impl RefDb {
     /// Opens the DB in `dir` and builds the index for the running model.
     pub fn open(dir: &Path, settings: RefDbSettings) -> Result<Self, RefDbError> {
+        store::clean_replacement(dir);
         let store = Store::open(dir, settings.cache_mb)?;
         let version = store.version()?;
         let mut work = BTreeMap::new();
-        for r in store.load_all()? {
+        for r in store.load_meta()? {
             let source_sha256: [u8; 32] =
                 r.source_sha256
                     .as_slice()
@@ -299,12 +311,20 @@ impl RefDb {
             })
         })?;
         Ok(Self {
-            store,
+            store: RwLock::new(Arc::new(store)),
             dir: dir.to_path_buf(),
             settings,
             current: RwLock::new(Arc::new(snapshot)),
             writer: Mutex::new(()),
         })
+    }
+
+    /// The live store (briefly shared; replaced on a whole-content change).
+    fn store(&self) -> Arc<Store> {
+        match self.store.read() {
+            Ok(g) => Arc::clone(&g),
+            Err(poisoned) => Arc::clone(&poisoned.into_inner()),
+        }
     }
 
     /// The current snapshot; cheap, never blocks on a writer for long.
@@ -325,31 +345,31 @@ impl RefDb {
 
     /// Whether an update with this id was applied before.
     pub fn was_applied(&self, update_id: &str) -> Result<bool, RefDbError> {
-        Ok(self.store.was_applied(update_id)?)
+        Ok(self.store().was_applied(update_id)?)
     }
 
     /// The stored source image of a reference, if kept.
     pub fn image(&self, ref_id: &str) -> Result<Option<Vec<u8>>, RefDbError> {
-        Ok(self.store.image(ref_id)?)
+        Ok(self.store().image(ref_id)?)
     }
 
     /// All stored records, for export.
     pub fn records(&self) -> Result<Vec<StoredRef>, RefDbError> {
-        Ok(self.store.load_all()?)
+        Ok(self.store().load_all()?)
     }
 
     /// How many applied update ids are remembered (bounded by
     /// `remember_updates`).
     pub fn remembered_updates(&self) -> usize {
-        self.store.remembered_updates()
+        self.store().remembered_updates()
     }
 
     pub fn size_on_disk(&self) -> u64 {
-        self.store.size_on_disk()
+        self.store().size_on_disk()
     }
 
     pub fn flush(&self) -> Result<(), RefDbError> {
-        Ok(self.store.flush()?)
+        Ok(self.store().flush()?)
     }
 
     /// Re-embeds, with `embed`, the references of another model that kept
@@ -365,7 +385,7 @@ impl RefDb {
         let mut ops = Vec::new();
         let mut left = 0;
         for (ref_id, info) in snapshot.stale() {
-            let Some(image) = self.store.image(ref_id)? else {
+            let Some(image) = self.store().image(ref_id)? else {
                 left += 1;
                 continue;
             };
@@ -470,14 +490,16 @@ impl RefDb {
             self.validate(op)?;
         }
         let _writer = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        let live = self.store();
         let view = Locked {
-            store: &self.store,
+            store: &live,
             version: self.snapshot().meta.version,
         };
         if let Err(refused) = guard(&view) {
             return Ok(Err(refused));
         }
         let old = self.snapshot();
+        let replaces_all = matches!(ops.first(), Some(RefOp::Clear));
         let mut work: BTreeMap<String, Working> = old
             .entries
             .iter()
@@ -547,8 +569,6 @@ impl RefDb {
                 }
             }
         }
-        self.store
-            .commit(&changes, version, update_id, self.settings.remember_updates)?;
         let snapshot = Arc::new(build_snapshot(
             &self.settings,
             Some(&old.index),
@@ -556,6 +576,25 @@ impl RefDb {
             version,
         ));
         let meta = snapshot.meta.clone();
+        let needed: u64 = changes
+            .iter()
+            .map(|c| match c {
+                StoreChange::Put(r) => stored_size(r),
+                StoreChange::Remove(_) => 64,
+            })
+            .sum();
+        if replaces_all {
+            // A fresh DB swapped in whole: the old one's space comes back
+            // at once (sled would keep growing), and a failure at any
+            // point leaves the old DB serving.
+            store::ensure_space(&self.dir, needed)?;
+            self.replace_store(&live, changes, version, update_id, &meta)?;
+        } else {
+            // sled writes a change to its log twice over at worst.
+            store::ensure_space(&self.dir, needed.saturating_mul(2))?;
+            live.commit(&changes, version, update_id, self.settings.remember_updates)?;
+        }
+        drop(live);
         if let Err(e) = seal::write(&self.dir, &meta) {
             // The change is durable in sled; a stale seal only means the
             // next open sees a DB ahead of it, which is accepted.
@@ -566,6 +605,61 @@ impl RefDb {
             Err(p) => *p.into_inner() = snapshot,
         }
         Ok(Ok(meta))
+    }
+}
+
+impl RefDb {
+    /// Builds a fresh DB beside the live one holding exactly `changes`'
+    /// references (a whole-content change: every entry is a Put) and swaps
+    /// it in atomically; then removes the old one.
+    fn replace_store(
+        &self,
+        live: &Arc<Store>,
+        changes: Vec<StoreChange>,
+        version: u64,
+        update_id: Option<&str>,
+        meta: &DbMeta,
+    ) -> Result<(), RefDbError> {
+        let next = store::replacement_dir(&self.dir);
+        store::clean_replacement(&self.dir);
+        let records: Vec<StoredRef> = changes
+            .into_iter()
+            .filter_map(|c| match c {
+                StoreChange::Put(r) => Some(r),
+                StoreChange::Remove(_) => None,
+            })
+            .collect();
+        let built = live
+            .build_fresh(
+                &next,
+                self.settings.cache_mb,
+                records,
+                version,
+                update_id,
+                self.settings.remember_updates,
+            )
+            .map_err(RefDbError::from)
+            .and_then(|()| {
+                seal::write(&next, meta).map_err(|e| {
+                    RefDbError::Store(StoreError::Replace {
+                        path: self.dir.clone(),
+                        message: format!("cannot seal the new DB: {e}"),
+                    })
+                })
+            });
+        if let Err(e) = built {
+            store::clean_replacement(&self.dir);
+            return Err(e);
+        }
+        let opened = live.swap_in(&self.dir, self.settings.cache_mb)?;
+        match self.store.write() {
+            Ok(mut g) => *g = Arc::new(opened),
+            Err(p) => *p.into_inner() = Arc::new(opened),
+        }
+        // The old DB now lives at `next`; its last handles go with `live`
+        // and any reader's; removing its directory is safe meanwhile.
+        store::clean_replacement(&self.dir);
+        Ok(())
     }
 }
 

@@ -38,6 +38,104 @@ pub enum StoreError {
     Corrupt { key: String, message: String },
     #[error("reference DB at {path} has layout version {found}; this agent reads {FORMAT}")]
     Format { path: PathBuf, found: u32 },
+    /// Refused before writing anything: the DB stays as it was.
+    #[error("not enough free space for the reference DB at {path}: this change needs about {needed_mb} MiB plus a {margin_mb} MiB margin, {available_mb} MiB are free; nothing was written")]
+    NoSpace {
+        path: PathBuf,
+        needed_mb: u64,
+        available_mb: u64,
+        margin_mb: u64,
+    },
+    #[error("cannot replace the reference DB at {path}: {message}")]
+    Replace { path: PathBuf, message: String },
+}
+
+/// Free space kept on the DB's file system beyond what a change needs
+/// (sled's log and a seal rewrite need room of their own).
+pub const SPACE_MARGIN: u64 = 32 * 1024 * 1024;
+
+/// Refuses a change of about `needed` bytes when the file system holding
+/// `dir` has less than that plus [`SPACE_MARGIN`] free. A full disk in the
+/// middle of a sled write can leave the DB unreadable; this check keeps the
+/// agent from getting there by itself.
+pub fn ensure_space(dir: &Path, needed: u64) -> Result<(), StoreError> {
+    let Some(available) = available_space(dir) else {
+        return Ok(()); // unknown: let the write itself tell
+    };
+    if available < needed.saturating_add(SPACE_MARGIN) {
+        let mb = |b: u64| b.div_ceil(1024 * 1024);
+        return Err(StoreError::NoSpace {
+            path: dir.to_path_buf(),
+            needed_mb: mb(needed),
+            available_mb: available / (1024 * 1024),
+            margin_mb: mb(SPACE_MARGIN),
+        });
+    }
+    Ok(())
+}
+
+/// Bytes available to this (unprivileged) process on `dir`'s file system.
+fn available_space(dir: &Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let mut probe = dir;
+    while !probe.exists() {
+        probe = probe.parent()?;
+    }
+    let path = std::ffi::CString::new(probe.as_os_str().as_bytes()).ok()?;
+    // SAFETY: `path` is a valid NUL-terminated string and `stat` a plain
+    // out-parameter that statvfs fills on success.
+    unsafe {
+        let mut stat: libc::statvfs = std::mem::zeroed();
+        if libc::statvfs(path.as_ptr(), &mut stat) != 0 {
+            return None;
+        }
+        Some((stat.f_bavail as u64).saturating_mul(stat.f_frsize as u64))
+    }
+}
+
+/// Atomically exchanges two directories (Linux `renameat2` with
+/// `RENAME_EXCHANGE`): at every instant each path names one complete DB.
+fn exchange(a: &Path, b: &Path) -> std::io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = |p: &Path| {
+        std::ffi::CString::new(p.as_os_str().as_bytes())
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))
+    };
+    let (a, b) = (c(a)?, c(b)?);
+    // SAFETY: both are valid NUL-terminated paths.
+    let rc = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            a.as_ptr(),
+            libc::AT_FDCWD,
+            b.as_ptr(),
+            libc::RENAME_EXCHANGE,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Where a replacement DB for `dir` is built (and where the replaced one
+/// waits for removal).
+pub fn replacement_dir(dir: &Path) -> PathBuf {
+    let mut name = dir.file_name().unwrap_or_default().to_os_string();
+    name.push(".next");
+    dir.with_file_name(name)
+}
+
+/// Removes what a replacement interrupted by a crash left beside `dir`: a
+/// DB half built (crash before the exchange) or the replaced DB (after).
+pub fn clean_replacement(dir: &Path) {
+    let next = replacement_dir(dir);
+    if next.exists() {
+        tracing::info!(path = %next.display(), "removing what an interrupted DB replacement left");
+        if let Err(e) = std::fs::remove_dir_all(&next) {
+            tracing::warn!(path = %next.display(), "cannot remove it: {e}");
+        }
+    }
 }
 
 /// Whether sled failed to open because another process holds the DB's
@@ -47,6 +145,19 @@ fn is_lock_conflict(e: &sled::Error) -> bool {
     matches!(e, sled::Error::Io(io)
         if io.kind() == std::io::ErrorKind::WouldBlock
             || io.to_string().contains("could not acquire lock"))
+}
+
+/// What opening the DB needs of a stored reference: all but its image
+/// (images are read one at a time when needed, never all at once).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct StoredMeta {
+    pub ref_id: String,
+    pub label: String,
+    pub kind: SourceKind,
+    #[serde(with = "serde_bytes")]
+    pub source_sha256: Vec<u8>,
+    pub embedding: Vec<f32>,
+    pub model_fingerprint: String,
 }
 
 /// A reference as stored on disk.
@@ -163,6 +274,82 @@ impl Store {
             out.push(record);
         }
         Ok(out)
+    }
+
+    /// All references without their images, in ascending byte order of
+    /// `ref_id`.
+    pub fn load_meta(&self) -> Result<Vec<StoredMeta>, StoreError> {
+        let mut out = Vec::new();
+        for item in self.tree.scan_prefix(REF_PREFIX) {
+            let (key, value) = item?;
+            let record: StoredMeta =
+                rmp_serde::from_slice(&value).map_err(|e| StoreError::Corrupt {
+                    key: String::from_utf8_lossy(&key).into_owned(),
+                    message: e.to_string(),
+                })?;
+            out.push(record);
+        }
+        Ok(out)
+    }
+
+    /// Builds a fresh DB in `dir` (which must not exist) holding `records`
+    /// at `version` and the applied-update ledger of `self` (plus
+    /// `update_id`), then closes it. The live DB is not touched.
+    pub fn build_fresh(
+        &self,
+        dir: &Path,
+        cache_mb: u64,
+        records: Vec<StoredRef>,
+        version: u64,
+        update_id: Option<&str>,
+        remember: usize,
+    ) -> Result<(), StoreError> {
+        let fresh = Store::open(dir, cache_mb)?;
+        let mut batch = sled::Batch::default();
+        let mut remembered = 0;
+        for item in self.tree.scan_prefix(UPDATE_PREFIX) {
+            let (key, value) = item?;
+            batch.insert(key, value);
+            remembered += 1;
+        }
+        fresh.tree.apply_batch(batch)?;
+        fresh
+            .remembered
+            .store(remembered, std::sync::atomic::Ordering::Relaxed);
+        let changes: Vec<StoreChange> = records.into_iter().map(StoreChange::Put).collect();
+        fresh.commit(&changes, version, update_id, remember)?;
+        Ok(())
+    }
+
+    /// Replaces the DB in `dir` (this store) by the one built in `next`
+    /// with [`Store::build_fresh`]: an atomic exchange of the directories,
+    /// then the new DB is opened. On failure the old DB is back in place.
+    /// The caller drops `self` and then calls [`clean_replacement`].
+    pub fn swap_in(&self, dir: &Path, cache_mb: u64) -> Result<Store, StoreError> {
+        let next = replacement_dir(dir);
+        let fail = |message: String| StoreError::Replace {
+            path: dir.to_path_buf(),
+            message,
+        };
+        self.db.flush()?;
+        exchange(dir, &next).map_err(|e| fail(format!("exchanging directories: {e}")))?;
+        if let Some(parent) = dir.parent() {
+            if let Ok(d) = std::fs::File::open(parent) {
+                let _ = d.sync_all();
+            }
+        }
+        match Store::open(dir, cache_mb) {
+            Ok(store) => Ok(store),
+            Err(e) => {
+                // Put the old DB back; it is still whole.
+                exchange(dir, &next).map_err(|e2| {
+                    fail(format!(
+                        "the new DB does not open ({e}) and the old one cannot be put back: {e2}"
+                    ))
+                })?;
+                Err(fail(format!("the new DB does not open: {e}")))
+            }
+        }
     }
 
     /// The stored image of a reference, when one was kept.
