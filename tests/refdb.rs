@@ -459,3 +459,18 @@ fn a_change_larger_than_the_free_space_is_refused_before_writing() {
     let db = RefDb::open(&path, settings(3, FP, 0)).unwrap();
     assert_eq!(db.meta().version, 2);
 }
+
+#[test]
+fn an_unfinished_sled_snapshot_left_by_a_full_disk_does_not_stop_the_db_opening() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("refdb");
+    let db = RefDb::open(&path, settings(3, FP, 0)).unwrap();
+    let meta = db.apply(snapshot_ops(5, 4, 0), 1, None).unwrap();
+    drop(db);
+    // What sled leaves when the disk fills while it writes a snapshot.
+    let leftover = path.join("snap.0000000000001234.generating");
+    std::fs::write(&leftover, b"").unwrap();
+    let db = RefDb::open(&path, settings(3, FP, 0)).expect("opens");
+    assert_eq!(db.meta(), meta);
+    assert!(!leftover.exists());
+}

@@ -213,6 +213,7 @@ impl Store {
             open_err(&e, corrupt)
         };
         std::fs::create_dir_all(dir).map_err(|e| open_err(&e, false))?;
+        remove_unfinished_snapshots(dir);
         let db = sled::Config::new()
             .path(dir)
             .cache_capacity(cache_mb.max(1) * 1024 * 1024)
@@ -447,6 +448,26 @@ impl Store {
 
     pub fn size_on_disk(&self) -> u64 {
         self.db.size_on_disk().unwrap_or(0)
+    }
+}
+
+/// Removes the snapshot files sled was still writing when it was stopped
+/// (`snap.*.generating`; a full disk leaves them empty). sled renames a
+/// snapshot into place only once complete, so they hold nothing needed,
+/// but sled 0.34 fails to open ("Read corrupted data") while one is there.
+fn remove_unfinished_snapshots(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with("snap.") && name.ends_with(".generating") {
+            tracing::warn!(file = %entry.path().display(), "removing an unfinished sled snapshot");
+            if let Err(e) = std::fs::remove_file(entry.path()) {
+                tracing::warn!(file = %entry.path().display(), "cannot remove it: {e}");
+            }
+        }
     }
 }
 
