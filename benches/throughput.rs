@@ -1,8 +1,13 @@
-//! Throughput figures, printed (not asserted): raw inference of the engine
-//! at several batch sizes, preprocessing per crop, and the whole pipeline
-//! (decode → batch → infer → search → encoded result) fed directly, all in
-//! one run so their ratios are comparable. `cargo bench --bench throughput`
-//! (set ORT_DYLIB_PATH or run scripts/demo.sh once first).
+//! Throughput and latency figures, printed (not asserted): raw inference of
+//! the engine at several batch sizes, preprocessing per crop, and the whole
+//! pipeline (decode → batch → infer → search → encoded result) fed directly:
+//! unloaded latency (one single-crop request at a time) and saturated
+//! throughput at 1 and 8 crops per request, all in one run so their ratios
+//! are comparable. `cargo bench --bench throughput` (set ORT_DYLIB_PATH or
+//! run scripts/demo.sh once first). `BENCH_MAX_DELAY_MS`,
+//! `BENCH_DECODE_WORKERS`, `BENCH_MAX_BATCH`, `BENCH_INTRA_THREADS` and
+//! `BENCH_SPINNING` (0/1) override the defaults and the thread budget, to
+//! compare settings.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -11,11 +16,12 @@ use retail_agent::bus::{Incoming, ToBus};
 use retail_agent::config::{Encoding, LoadedConfig, OverflowPolicy, PipelineConfig};
 use retail_agent::engine::{Engine, EngineOutput};
 use retail_agent::metrics::Metrics;
-use retail_agent::pipeline::{Pipeline, PipelineContext};
+use retail_agent::pipeline::{Pipeline, PipelineContext, ThreadBudget};
 use retail_agent::protocol::ModelRef;
 use retail_agent::recognizer::{engine_options, open_refdb, Recognizer};
 use retail_agent::vision::decode::{decode_image, DecodeLimits};
 use retail_agent::vision::preprocess::Preprocessor;
+use tokio::sync::mpsc::Receiver;
 
 fn setup() -> (tempfile::TempDir, LoadedConfig) {
     let dir = tempfile::tempdir().unwrap();
@@ -31,13 +37,32 @@ fn setup() -> (tempfile::TempDir, LoadedConfig) {
     (dir, cfg)
 }
 
+/// The engine as the daemon loads it: ONNX Runtime threaded by the budget.
 fn load_engine(cfg: &LoadedConfig) -> Engine {
     let manifest = retail_agent::manifest::ModelManifest::load(&cfg.manifest_path()).unwrap();
-    Engine::load(manifest, &engine_options(cfg)).unwrap()
+    let mut options = engine_options(cfg);
+    options.runtime = budget(cfg).apply(&options.runtime);
+    Engine::load(manifest, &options).unwrap()
+}
+
+/// The daemon's thread budget on this machine (CPU provider).
+fn budget(cfg: &LoadedConfig) -> ThreadBudget {
+    ThreadBudget::for_this_machine(&cfg.config.runtime, &bench_pipeline_config(), false)
 }
 
 fn main() {
-    let (_dir, cfg) = setup();
+    let (_dir, mut cfg) = setup();
+    if let Some(v) = env_usize("BENCH_INTRA_THREADS") {
+        cfg.config.runtime.intra_threads = v;
+    }
+    if let Some(v) = env_usize("BENCH_SPINNING") {
+        cfg.config.runtime.allow_spinning = Some(v != 0);
+    }
+    let b = budget(&cfg);
+    println!(
+        "thread budget: {} cores, {} intra-op thread(s), spinning {}, {} decode worker(s)",
+        b.cores, b.intra_threads, b.allow_spinning, b.decode_workers
+    );
     let queries: Vec<Vec<u8>> = retail_agent::demo::DEMO_QUERIES
         .iter()
         .map(|(_, _, b)| b.to_vec())
@@ -87,102 +112,195 @@ fn main() {
         retail_agent::demo::enroll_demo_refs(&mut rec, &db).unwrap();
         Arc::new(db)
     };
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<ToBus>(1024);
-    let metrics = Arc::new(Metrics::default());
-    let ctx = PipelineContext {
-        device_id: "bench".into(),
-        model: ModelRef {
-            id: engine.manifest().id().into(),
-            fingerprint: engine.manifest().fingerprint().into(),
-        },
-        results_topic: "r".into(),
-        errors_topic: "e".into(),
-        results_qos: 1,
-        default_encoding: Encoding::Msgpack,
-        limits,
-        max_crops: 64,
-        default_top_k: 5,
-        unknown_threshold: 0.5,
-        metrics: metrics.clone(),
+    let fixture = Fixture {
+        cfg,
         refdb,
-        out: tx,
-        max_packet_bytes: 16 << 20,
+        queries,
     };
+    drop(engine);
     let pcfg = PipelineConfig {
-        queue_capacity: 64,
-        overflow: OverflowPolicy::DropNewest,
-        max_batch: 8,
-        max_delay_ms: 5,
-        decode_workers: 0,
-        ..PipelineConfig::default()
+        decode_workers: b.decode_workers,
+        ..bench_pipeline_config()
     };
-    let pipeline = Pipeline::start(ctx, engine, &pcfg).unwrap();
-    let requests: Vec<bytes::Bytes> = queries
-        .iter()
-        .enumerate()
-        .map(|(i, q)| {
-            let v = rmpv::Value::Map(vec![
-                (
-                    rmpv::Value::from("request_id"),
-                    rmpv::Value::from(format!("b{i}")),
-                ),
-                (
-                    rmpv::Value::from("crops"),
-                    rmpv::Value::Array(vec![rmpv::Value::Map(vec![(
-                        rmpv::Value::from("image"),
-                        rmpv::Value::Binary(q.clone()),
-                    )])]),
-                ),
-            ]);
-            let mut buf = Vec::new();
-            rmpv::encode::write_value(&mut buf, &v).unwrap();
-            bytes::Bytes::from(buf)
-        })
-        .collect();
-    let total = 600;
-    let t = Instant::now();
-    let consumer = rt.spawn(async move {
-        let mut got = 0;
-        while got < total {
-            match rx.recv().await {
-                Some(ToBus::Send(_)) => got += 1,
-                Some(ToBus::Flush(_)) => {}
-                None => break,
-            }
-        }
-        got
-    });
-    let mut sent = 0;
-    while sent < total {
-        let msg = Incoming {
-            payload: requests[sent % requests.len()].clone(),
-            received: Instant::now(),
-            ack: None,
-        };
-        // Back off before the queue is full: this measures throughput, not drops.
-        while pipeline.queue_depth() + 1 >= pcfg.queue_capacity {
-            std::thread::sleep(Duration::from_micros(200));
-        }
-        if pipeline.submit(msg) {
-            sent += 1;
+    println!(
+        "pipeline (max_batch {}, max_delay_ms {}):",
+        pcfg.max_batch, pcfg.max_delay_ms
+    );
+    let lat = fixture.idle_latency(&pcfg, 300);
+    println!(
+        "  unloaded, 1 crop, 1 in flight: p50 {:.0} us, p90 {:.0} us, p99 {:.0} us (submit to encoded result)",
+        lat.0, lat.1, lat.2
+    );
+    let mut e2e_1 = 0.0;
+    for crops in [1usize, 8] {
+        let (e2e, mean_batch, p50) = fixture.saturated(&pcfg, crops, 4800 / crops);
+        println!(
+            "  saturated, {crops} crop(s) per request: {e2e:.1} crops/s (mean batch {mean_batch:.2}, total latency p50 {p50} us)"
+        );
+        if crops == 1 {
+            e2e_1 = e2e;
         }
     }
-    let got = rt.block_on(consumer).unwrap();
-    let e2e = got as f64 / t.elapsed().as_secs_f64();
-    pipeline.shutdown();
-    let totals = metrics.totals();
-    let lat = metrics.latencies();
     println!(
-        "pipeline end to end: {e2e:.1} crops/s ({} batches, mean batch {:.2}); total latency p50 {} us, p99 {} us",
-        totals.batches,
-        totals.batched_crops as f64 / totals.batches.max(1) as f64,
-        lat.total.p50,
-        lat.total.p99
+        "end-to-end (1 crop per request) / raw inference: {:.2} at batch 8, {:.2} against the best batch size",
+        e2e_1 / raw_at_8,
+        e2e_1 / raw_best
     );
-    println!(
-        "end-to-end / raw inference: {:.2} at the pipeline's max_batch 8, {:.2} against the best batch size",
-        e2e / raw_at_8,
-        e2e / raw_best
-    );
+}
+
+/// Pipeline settings for the bench: the defaults, with `BENCH_MAX_DELAY_MS`,
+/// `BENCH_DECODE_WORKERS` and `BENCH_MAX_BATCH` overriding them.
+fn bench_pipeline_config() -> PipelineConfig {
+    let mut pcfg = PipelineConfig {
+        queue_capacity: 64,
+        overflow: OverflowPolicy::DropNewest,
+        ..PipelineConfig::default()
+    };
+    if let Some(v) = env_usize("BENCH_MAX_DELAY_MS") {
+        pcfg.max_delay_ms = v as u64;
+    }
+    if let Some(v) = env_usize("BENCH_DECODE_WORKERS") {
+        pcfg.decode_workers = v;
+    }
+    if let Some(v) = env_usize("BENCH_MAX_BATCH") {
+        pcfg.max_batch = v;
+    }
+    pcfg
+}
+
+fn env_usize(name: &str) -> Option<usize> {
+    std::env::var(name).ok().and_then(|v| v.parse().ok())
+}
+
+struct Fixture {
+    cfg: LoadedConfig,
+    refdb: Arc<retail_agent::refdb::RefDb>,
+    queries: Vec<Vec<u8>>,
+}
+
+impl Fixture {
+    /// Starts a pipeline as the daemon does, with its own engine.
+    fn start(&self, pcfg: &PipelineConfig) -> (Pipeline, Receiver<ToBus>, Arc<Metrics>) {
+        let engine = load_engine(&self.cfg);
+        let (tx, rx) = tokio::sync::mpsc::channel::<ToBus>(1024);
+        let metrics = Arc::new(Metrics::default());
+        let ctx = PipelineContext {
+            device_id: "bench".into(),
+            model: ModelRef {
+                id: engine.manifest().id().into(),
+                fingerprint: engine.manifest().fingerprint().into(),
+            },
+            results_topic: "r".into(),
+            errors_topic: "e".into(),
+            results_qos: 1,
+            default_encoding: Encoding::Msgpack,
+            limits: DecodeLimits::default(),
+            max_crops: 64,
+            default_top_k: 5,
+            unknown_threshold: 0.5,
+            metrics: metrics.clone(),
+            refdb: self.refdb.clone(),
+            out: tx,
+            max_packet_bytes: 16 << 20,
+        };
+        let pipeline = Pipeline::start(ctx, engine, pcfg).unwrap();
+        (pipeline, rx, metrics)
+    }
+
+    /// MessagePack requests of `crops` crops each, cycling through the queries.
+    fn requests(&self, crops: usize) -> Vec<bytes::Bytes> {
+        (0..self.queries.len())
+            .map(|i| {
+                let crops = (0..crops)
+                    .map(|k| {
+                        let q = &self.queries[(i + k) % self.queries.len()];
+                        rmpv::Value::Map(vec![(
+                            rmpv::Value::from("image"),
+                            rmpv::Value::Binary(q.clone()),
+                        )])
+                    })
+                    .collect();
+                let v = rmpv::Value::Map(vec![
+                    (
+                        rmpv::Value::from("request_id"),
+                        rmpv::Value::from(format!("b{i}")),
+                    ),
+                    (rmpv::Value::from("crops"), rmpv::Value::Array(crops)),
+                ]);
+                let mut buf = Vec::new();
+                rmpv::encode::write_value(&mut buf, &v).unwrap();
+                bytes::Bytes::from(buf)
+            })
+            .collect()
+    }
+
+    /// One single-crop request at a time, each sent once the previous one
+    /// is answered: p50, p90, p99 of submit-to-result in microseconds.
+    fn idle_latency(&self, pcfg: &PipelineConfig, n: usize) -> (f64, f64, f64) {
+        let (pipeline, mut rx, _) = self.start(pcfg);
+        let requests = self.requests(1);
+        let mut lat = Vec::with_capacity(n);
+        for i in 0..n + 20 {
+            let t = Instant::now();
+            assert!(pipeline.submit(Incoming {
+                payload: requests[i % requests.len()].clone(),
+                received: t,
+                ack: None,
+            }));
+            loop {
+                match rx.blocking_recv() {
+                    Some(ToBus::Send(_)) => break,
+                    Some(_) => {}
+                    None => panic!("the pipeline stopped"),
+                }
+            }
+            if i >= 20 {
+                lat.push(t.elapsed().as_secs_f64() * 1e6);
+            }
+        }
+        pipeline.shutdown();
+        lat.sort_by(f64::total_cmp);
+        let at = |q: f64| lat[((lat.len() - 1) as f64 * q).round() as usize];
+        (at(0.5), at(0.9), at(0.99))
+    }
+
+    /// Keeps the queue fed with `total` requests of `crops` crops: crops/s,
+    /// mean batch and the p50 total latency in microseconds.
+    fn saturated(&self, pcfg: &PipelineConfig, crops: usize, total: usize) -> (f64, f64, u64) {
+        let (pipeline, mut rx, metrics) = self.start(pcfg);
+        let requests = self.requests(crops);
+        let t = Instant::now();
+        let consumer = std::thread::spawn(move || {
+            let mut got = 0;
+            while got < total {
+                match rx.blocking_recv() {
+                    Some(ToBus::Send(_)) => got += 1,
+                    Some(_) => {}
+                    None => break,
+                }
+            }
+            got
+        });
+        let mut sent = 0;
+        while sent < total {
+            let msg = Incoming {
+                payload: requests[sent % requests.len()].clone(),
+                received: Instant::now(),
+                ack: None,
+            };
+            // Back off before the queue is full: this measures throughput, not drops.
+            while pipeline.queue_depth() + 1 >= pcfg.queue_capacity {
+                std::thread::sleep(Duration::from_micros(200));
+            }
+            if pipeline.submit(msg) {
+                sent += 1;
+            }
+        }
+        let got = consumer.join().unwrap();
+        let crops_per_s = (got * crops) as f64 / t.elapsed().as_secs_f64();
+        pipeline.shutdown();
+        let totals = metrics.totals();
+        let mean_batch = totals.batched_crops as f64 / totals.batches.max(1) as f64;
+        (crops_per_s, mean_batch, metrics.latencies().total.p50)
+    }
 }

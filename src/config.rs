@@ -159,8 +159,18 @@ pub struct RuntimeConfig {
     pub execution_providers: Vec<ExecutionProviderKind>,
     /// Let TensorRT build FP16 engines.
     pub tensorrt_fp16: bool,
-    /// Threads ONNX Runtime uses inside one operator (0: its default).
+    /// Threads ONNX Runtime uses inside one operator, the calling thread
+    /// included. 0: the daemon derives it from the core count
+    /// ([`crate::pipeline::budget`]); the offline commands leave ONNX
+    /// Runtime's default (one per physical core).
     pub intra_threads: usize,
+    /// Whether ONNX Runtime's idle intra-op threads spin waiting for work.
+    /// Unset: the daemon turns spinning off when the decode workers share
+    /// the cores; the offline commands leave ONNX Runtime's default (on).
+    pub allow_spinning: Option<bool>,
+    /// Worker threads of the daemon's async runtime (MQTT I/O). 0: derived
+    /// from the core count ([`crate::pipeline::budget`]).
+    pub io_threads: usize,
     /// GPU to use for CUDA / TensorRT.
     pub device_index: i32,
 }
@@ -176,6 +186,8 @@ impl Default for RuntimeConfig {
             ],
             tensorrt_fp16: true,
             intra_threads: 0,
+            allow_spinning: None,
+            io_threads: 0,
             device_index: 0,
         }
     }
@@ -278,9 +290,14 @@ pub struct PipelineConfig {
     pub overflow: OverflowPolicy,
     /// Largest inference batch.
     pub max_batch: usize,
-    /// Longest time a crop waits for its batch to fill.
+    /// Linger: how long waiting crops are held, while inference is idle, for
+    /// a fuller batch. 0 (the default): none — an idle inference thread
+    /// takes whatever is waiting at once and batches form only while it is
+    /// busy (continuous batching). Worth a few milliseconds only on GPU
+    /// providers, where a fuller batch costs little more than a small one.
     pub max_delay_ms: u64,
-    /// Decode/preprocess worker threads (0: number of CPUs).
+    /// Decode/preprocess worker threads. 0: derived from the core count
+    /// ([`crate::pipeline::budget`]).
     pub decode_workers: usize,
 }
 
@@ -291,7 +308,7 @@ impl Default for PipelineConfig {
             queue_max_bytes: 64 * 1024 * 1024,
             overflow: OverflowPolicy::DropOldest,
             max_batch: 8,
-            max_delay_ms: 5,
+            max_delay_ms: 0,
             decode_workers: 0,
         }
     }

@@ -16,15 +16,16 @@ use tracing::{info, warn};
 
 use crate::bus::{self, EventLoopTask, PublisherTask, StatusSource, Topics};
 use crate::bus::{Outbound, ToBus};
-use crate::config::LoadedConfig;
+use crate::config::{ExecutionProviderKind, LoadedConfig, PipelineConfig};
 use crate::fleet::keys::TrustedKeys;
 use crate::fleet::rules::{Identity, ModelIdentity};
 use crate::fleet::session::UpdateSession;
 use crate::fleet::UpdateReceiver;
 use crate::metrics::Metrics;
+use crate::pipeline::budget::ThreadBudget;
 use crate::pipeline::{Pipeline, PipelineContext};
 use crate::protocol::{self, AgentState, ModelRef};
-use crate::recognizer::{open_refdb_recovering, Recognizer};
+use crate::recognizer::{engine_options, open_refdb_recovering, Recognizer};
 use crate::refdb::RefDb;
 use crate::vision::DecodeLimits;
 
@@ -57,10 +58,16 @@ impl Agent {
         let cfg = Arc::new(cfg);
         let keys = TrustedKeys::parse(&cfg.config.fleet_updates.trusted_keys)
             .context("fleet_updates.trusted_keys")?;
+        // ONNX Runtime's threading does not depend on the provider; the
+        // decode workers' share does, so it is derived again once known.
+        let cpu_budget =
+            ThreadBudget::for_this_machine(&cfg.config.runtime, &cfg.config.pipeline, false);
         let (engine, refdb, refdb_reset) = {
             let cfg = cfg.clone();
             tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
-                let mut recognizer = Recognizer::from_config(&cfg)?;
+                let mut options = engine_options(&cfg);
+                options.runtime = cpu_budget.apply(&options.runtime);
+                let mut recognizer = Recognizer::with_options(&cfg, &options)?;
                 let (refdb, reset) = open_refdb_recovering(&cfg, &mut recognizer)
                     .context("opening the reference DB")?;
                 Ok((recognizer.into_engine(), refdb, reset))
@@ -119,8 +126,22 @@ impl Agent {
             out: out_tx.clone(),
             max_packet_bytes: c.bus.max_packet_bytes,
         };
+        let gpu = engine.provider() != ExecutionProviderKind::Cpu;
+        let budget = ThreadBudget::for_this_machine(&c.runtime, &c.pipeline, gpu);
+        info!(
+            cores = budget.cores,
+            intra_threads = budget.intra_threads,
+            allow_spinning = budget.allow_spinning,
+            decode_workers = budget.decode_workers,
+            io_threads = budget.io_threads,
+            "thread budget"
+        );
+        let pipeline_cfg = PipelineConfig {
+            decode_workers: budget.decode_workers,
+            ..c.pipeline.clone()
+        };
         let pipeline =
-            Arc::new(Pipeline::start(ctx, engine, &c.pipeline).context("starting the pipeline")?);
+            Arc::new(Pipeline::start(ctx, engine, &pipeline_cfg).context("starting the pipeline")?);
         if keys.is_empty() {
             warn!(
                 "fleet_updates.trusted_keys is empty: every reference-DB update will be rejected"

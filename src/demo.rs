@@ -261,7 +261,7 @@ pub async fn run(verbose: bool) -> anyhow::Result<()> {
     start_broker(port)?;
     let manifest = write_test_model(&dir.path().join("models"))?;
     let config_text = format!(
-        "device_id = \"demo-agent\"\nfleet = \"demo\"\nstate_dir = {state:?}\n[model]\nmanifest = {manifest:?}\n[runtime]\nexecution_providers = [\"cpu\"]\n[bus]\nport = {port}\n[pipeline]\nmax_batch = 8\nmax_delay_ms = 5\n[log]\nfilter = \"{filter}\"\n",
+        "device_id = \"demo-agent\"\nfleet = \"demo\"\nstate_dir = {state:?}\n[model]\nmanifest = {manifest:?}\n[runtime]\nexecution_providers = [\"cpu\"]\n[bus]\nport = {port}\n[pipeline]\nmax_batch = 8\n[log]\nfilter = \"{filter}\"\n",
         state = dir.path().join("state").display().to_string(),
         manifest = manifest.display().to_string(),
         filter = if verbose { "info" } else { "warn,rumqttd=off" },

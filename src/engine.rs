@@ -472,6 +472,11 @@ fn open_session(
             .with_intra_threads(rt.intra_threads)
             .map_err(|e| OpenError::Provider(e.to_string()))?;
     }
+    if let Some(spin) = rt.allow_spinning {
+        builder = builder
+            .with_intra_op_spinning(spin)
+            .map_err(|e| OpenError::Provider(e.to_string()))?;
+    }
     let mut builder = builder
         .with_execution_providers([dispatch])
         .map_err(|e| OpenError::Provider(e.to_string()))?;

@@ -161,8 +161,17 @@ pub fn refdb_settings(cfg: &LoadedConfig, manifest: &ModelManifest, dim: usize) 
 impl Recognizer {
     /// Loads the manifest and the model that `cfg` names.
     pub fn from_config(cfg: &LoadedConfig) -> Result<Self, RecognizerError> {
+        Self::with_options(cfg, &engine_options(cfg))
+    }
+
+    /// Loads the manifest and the model that `cfg` names, with `options`
+    /// (the daemon's carry its thread budget).
+    pub fn with_options(
+        cfg: &LoadedConfig,
+        options: &EngineOptions,
+    ) -> Result<Self, RecognizerError> {
         let manifest = ModelManifest::load(&cfg.manifest_path())?;
-        let engine = Engine::load(manifest, &engine_options(cfg))?;
+        let engine = Engine::load(manifest, options)?;
         Ok(Self::new(engine, DecodeLimits::from(&cfg.config.limits)))
     }
 

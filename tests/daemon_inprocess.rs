@@ -330,6 +330,38 @@ async fn a_bad_crop_is_an_item_error_and_its_neighbours_still_match() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_agent_runs_a_requests_crops_at_once_in_one_batch_up_to_max_batch() {
+    let qs = one_query_per_label(&queries());
+    let (_home, agent, port) = start_agent("inproc-batch", "[pipeline]\nmax_batch = 4\n").await;
+    let t = agent.topics().clone();
+    let mut c = TestClient::connect(port, "checkout-batch", &[&t.results, &t.errors]).await;
+    // One request at a time, so inference is idle when each arrives: its
+    // crops leave together at once, split only beyond max_batch.
+    for (id, crops, batch) in [("b1", 1, 1), ("b3", 3, 3), ("b4", 4, 4), ("b6", 6, 4)] {
+        let images: Vec<&[u8]> = (0..crops).map(|i| qs[i % qs.len()].1.as_slice()).collect();
+        c.publish(&t.crops, 1, common::json_request(id, &images))
+            .await;
+        let (got, errs) = collect_results(
+            &mut c,
+            &t.results,
+            &t.errors,
+            &[id],
+            Duration::from_secs(20),
+        )
+        .await;
+        assert!(errs.is_empty(), "{id}: {errs:?}");
+        let v = to_json(&got[id]);
+        assert_eq!(
+            u64_of(&v, "batch_size", id),
+            batch,
+            "{id}: {crops} crops with max_batch 4"
+        );
+        assert_eq!(arr_of(&v, "items", id).len(), crops, "{id}");
+    }
+    agent.stop().await.expect("clean stop");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn undecodable_payloads_get_error_reports_and_the_agent_keeps_answering() {
     let qs = one_query_per_label(&queries());
     let (_home, agent, port) = start_agent("inproc-undecodable", "[limits]\nmax_crops = 4\n").await;

@@ -200,7 +200,13 @@ fn run_command(command: Command) -> anyhow::Result<()> {
         Command::Demo { verbose } => tokio_runtime()?.block_on(crate::demo::run(verbose)),
         Command::Run { config } => {
             let cfg = load_config(&config)?;
-            tokio_runtime()?.block_on(crate::daemon::run_until_signal(cfg))
+            let budget = crate::pipeline::budget::ThreadBudget::for_this_machine(
+                &cfg.config.runtime,
+                &cfg.config.pipeline,
+                false,
+            );
+            runtime_with_workers(Some(budget.io_threads))?
+                .block_on(crate::daemon::run_until_signal(cfg))
         }
         Command::Enroll {
             config,
@@ -289,8 +295,19 @@ fn run_command(command: Command) -> anyhow::Result<()> {
 }
 
 /// The async runtime of the daemon and the demo.
+/// The async runtime, with one worker thread per core.
 fn tokio_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread()
+    runtime_with_workers(None)
+}
+
+/// The async runtime, with `workers` threads (`None`: one per core; the
+/// daemon's is small, from its thread budget).
+fn runtime_with_workers(workers: Option<usize>) -> anyhow::Result<tokio::runtime::Runtime> {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = workers {
+        builder.worker_threads(n.max(1));
+    }
+    builder
         .enable_all()
         .thread_name("retail-agent-io")
         .build()

@@ -1,18 +1,25 @@
 //! The recognition pipeline: bounded ingest queue → decode/preprocess
-//! workers → dynamic batcher and inference thread → search → results.
+//! workers → continuous batcher and inference thread → search → results.
 //!
 //! Everything here runs on plain threads, never on the async reactor: the
 //! bus hands messages in with [`Pipeline::submit`] (which never blocks) and
-//! receives what to publish on an [`Outbound`] channel. One request's crops
-//! may share a batch with other requests' crops; each result still lists its
-//! own items in order. The pipeline owns no MQTT and no encoding choice
-//! beyond "answer in kind".
+//! receives what to publish on an [`Outbound`] channel. A decode worker
+//! hands a request's prepared crops to the inference thread as one unit;
+//! the [`batcher::Batcher`] runs them at once when inference is idle and
+//! keeps them together in a batch when they fit, beside other requests'
+//! crops; each result still lists its own items in order. Thread counts
+//! come from the [`budget`]. The pipeline owns no MQTT and no encoding
+//! choice beyond "answer in kind".
 
+pub mod batcher;
+pub mod budget;
+pub mod handoff;
 pub mod queue;
 pub mod reports;
 pub mod request;
 
-use crossbeam_channel::{self as channel, Receiver, RecvTimeoutError, Sender};
+use crossbeam_channel::{self as channel, Receiver, Select, Sender, TryRecvError};
+use handoff::{HandoffReceiver, HandoffSender};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -21,7 +28,7 @@ use image::RgbImage;
 use tracing::{debug, warn};
 
 use crate::bus::{AckToken, Incoming, Outbound, RequestSink, ToBus};
-use crate::config::{Encoding, PipelineConfig};
+use crate::config::{Encoding, ExecutionProviderKind, PipelineConfig, RuntimeConfig};
 use crate::engine::{Engine, EngineOutput};
 use crate::metrics::{Metrics, Stage};
 use crate::protocol::{
@@ -33,6 +40,8 @@ use crate::refdb::{Decision, RefDb};
 use crate::vision::decode::{clip_bbox, decode_image, raw_image, DecodeLimits, VisionError};
 use crate::vision::preprocess::{InputGeometry, Normalizer, Preprocessor};
 
+pub use batcher::Batcher;
+pub use budget::ThreadBudget;
 pub use queue::{IngestQueue, Pushed};
 pub use reports::{Refusal, Report, ReportQueue};
 pub use request::{RequestHeader, RequestState};
@@ -259,7 +268,9 @@ fn drop_reporter(ctx: &PipelineContext, reports: &ReportQueue) {
 
 impl Pipeline {
     /// Starts the decode workers and the inference thread, which takes
-    /// ownership of `engine`.
+    /// ownership of `engine`. `cfg.decode_workers` 0: the [`budget`]'s
+    /// figure for this machine with the default runtime settings (the
+    /// daemon passes the figure of its own budget).
     pub fn start(
         ctx: PipelineContext,
         engine: Engine,
@@ -278,14 +289,13 @@ impl Pipeline {
             len: geometry.rgb_len(),
             keep: max_batch * 4,
         });
-        let (tx, rx) = channel::bounded::<Prepared>(max_batch * 2);
+        // Room for a batch to accumulate while one runs.
+        let (tx, rx) = handoff::handoff::<Prepared>(max_batch * 2);
         let (jobs_tx, jobs_rx) = channel::bounded::<EmbedJob>(1);
         let dim = engine.dim();
-        let workers = if cfg.decode_workers == 0 {
-            std::thread::available_parallelism().map_or(2, |n| n.get())
-        } else {
-            cfg.decode_workers
-        };
+        let gpu = engine.provider() != ExecutionProviderKind::Cpu;
+        let workers =
+            ThreadBudget::for_this_machine(&RuntimeConfig::default(), cfg, gpu).decode_workers;
         let mut threads = Vec::with_capacity(workers + 1);
         for i in 0..workers {
             let (ctx, queue, tx, pool, geometry) = (
@@ -309,14 +319,13 @@ impl Pipeline {
                 .name("drop-reporter".into())
                 .spawn(move || drop_reporter(&reporter_ctx, &reporter_queue))?,
         );
-        let max_delay = Duration::from_millis(cfg.max_delay_ms);
+        // pipeline.max_delay_ms: the batcher's linger (0: none).
+        let linger = Duration::from_millis(cfg.max_delay_ms);
         let (ctx2, pool2) = (ctx.clone(), pool.clone());
         threads.push(
             std::thread::Builder::new()
                 .name("inference".into())
-                .spawn(move || {
-                    infer_loop(&ctx2, rx, jobs_rx, engine, &pool2, max_batch, max_delay)
-                })?,
+                .spawn(move || infer_loop(&ctx2, rx, jobs_rx, engine, &pool2, max_batch, linger))?,
         );
         Ok(Self {
             queue,
@@ -380,7 +389,7 @@ impl Pipeline {
 fn decode_worker(
     ctx: &PipelineContext,
     queue: &IngestQueue<Incoming>,
-    tx: &Sender<Prepared>,
+    tx: &HandoffSender<Prepared>,
     pool: &BufferPool,
     geometry: InputGeometry,
 ) {
@@ -395,7 +404,7 @@ fn handle_message(
     ctx: &PipelineContext,
     pre: &mut Preprocessor,
     pool: &BufferPool,
-    tx: &Sender<Prepared>,
+    tx: &HandoffSender<Prepared>,
     msg: Incoming,
 ) {
     let dequeued = Instant::now();
@@ -474,11 +483,9 @@ fn handle_message(
         ctx.finish(&state);
         return;
     }
-    for p in prepared {
-        if tx.send(p).is_err() {
-            warn!("the inference thread has stopped; request abandoned");
-            return;
-        }
+    // The request's crops travel as one unit, so they share a batch.
+    if !prepared.is_empty() && tx.send(prepared).is_err() {
+        warn!("the inference thread has stopped; request abandoned");
     }
 }
 
@@ -509,55 +516,86 @@ fn prepare_crop(
     }
 }
 
-/// What the inference thread does next.
-enum Work {
-    Crop(Prepared),
+/// What woke the inference thread while no batch was due.
+enum Wake {
+    /// A request's prepared crops.
+    Unit(Vec<Prepared>),
+    /// An embedding job for a reference-DB update.
     Embed(EmbedJob),
+    /// The decode workers are gone.
+    CropsClosed,
+    /// The pipeline stopped taking embedding jobs.
+    JobsClosed,
+    /// The batcher's linger ran out.
+    Deadline,
 }
 
-/// The next piece of work, crops first: an embedding job runs only when no
-/// crop is waiting, so at most one update batch runs ahead of a crop batch.
-/// `None` once the decode workers are gone.
-fn next_work(
-    crops: &Receiver<Prepared>,
-    jobs: &Receiver<EmbedJob>,
-    jobs_open: &mut bool,
-) -> Option<Work> {
-    match crops.try_recv() {
-        Ok(p) => return Some(Work::Crop(p)),
-        Err(channel::TryRecvError::Disconnected) => return None,
-        Err(channel::TryRecvError::Empty) => {}
+/// Blocks until a request's crops or an embedding job arrive, or until
+/// `deadline` (the batcher's linger) passes.
+fn wait(
+    crops: &HandoffReceiver<Prepared>,
+    jobs: Option<&Receiver<EmbedJob>>,
+    deadline: Option<Instant>,
+) -> Wake {
+    let mut sel = Select::new();
+    let crops_op = sel.recv(crops.channel());
+    if let Some(jobs) = jobs {
+        sel.recv(jobs);
     }
-    if *jobs_open {
-        match jobs.try_recv() {
-            Ok(j) => return Some(Work::Embed(j)),
-            Err(channel::TryRecvError::Disconnected) => *jobs_open = false,
-            Err(channel::TryRecvError::Empty) => {}
+    let op = match deadline {
+        Some(d) => match sel.select_deadline(d) {
+            Ok(op) => op,
+            Err(_) => return Wake::Deadline,
+        },
+        None => sel.select(),
+    };
+    if op.index() == crops_op {
+        match op.recv(crops.channel()) {
+            Ok(parcel) => Wake::Unit(crops.open(parcel)),
+            Err(_) => Wake::CropsClosed,
+        }
+    } else {
+        match jobs.map(|j| op.recv(j)) {
+            Some(Ok(job)) => Wake::Embed(job),
+            _ => Wake::JobsClosed,
         }
     }
-    if !*jobs_open {
-        return crops.recv().ok().map(Work::Crop);
-    }
-    channel::select! {
-        recv(crops) -> p => p.ok().map(Work::Crop),
-        recv(jobs) -> j => match j {
-            Ok(j) => Some(Work::Embed(j)),
-            Err(_) => {
-                *jobs_open = false;
-                crops.recv().ok().map(Work::Crop)
-            }
-        },
-    }
 }
 
+/// Runs an embedding job (at most `max_batch` images) and answers it.
+fn run_embed_job(
+    job: EmbedJob,
+    engine: &mut Engine,
+    normalizer: &Normalizer,
+    tensor: &mut [f32],
+    out: &mut EngineOutput,
+    max_batch: usize,
+) {
+    let per_image = engine.image_len();
+    let dim = engine.dim();
+    let n = job.rgb.len().min(max_batch);
+    for (rgb, slot) in job.rgb.iter().zip(tensor.chunks_exact_mut(per_image)) {
+        normalizer.apply(rgb, slot);
+    }
+    let run = engine
+        .run(&tensor[..n * per_image], n, out)
+        .map(|()| out.embeddings[..n * dim].to_vec())
+        .map_err(|e| e.to_string());
+    let _ = job.reply.send(run);
+}
+
+/// The inference thread: feeds the [`Batcher`] with the decode workers'
+/// units, runs each batch it releases, and embedding jobs when no batch is
+/// due (so at most one update batch runs ahead of waiting crops). Returns
+/// once the decode workers are gone and every crop is answered.
 fn infer_loop(
     ctx: &PipelineContext,
-    rx: Receiver<Prepared>,
+    rx: HandoffReceiver<Prepared>,
     jobs: Receiver<EmbedJob>,
     mut engine: Engine,
     pool: &BufferPool,
     max_batch: usize,
-    max_delay: Duration,
+    linger: Duration,
 ) {
     let normalizer = Normalizer::new(&engine.manifest().file.preprocess);
     let per_image = engine.image_len();
@@ -567,34 +605,61 @@ fn infer_loop(
     let mut tensor = vec![0f32; max_batch * per_image];
     let mut out = EngineOutput::default();
     let mut batch: Vec<Prepared> = Vec::with_capacity(max_batch);
-    let mut jobs_open = true;
-    while let Some(work) = next_work(&rx, &jobs, &mut jobs_open) {
-        let first = match work {
-            Work::Crop(p) => p,
-            Work::Embed(job) => {
-                let n = job.rgb.len().min(max_batch);
-                for (rgb, slot) in job.rgb.iter().zip(tensor.chunks_exact_mut(per_image)) {
-                    normalizer.apply(rgb, slot);
+    let mut batcher = Batcher::new(max_batch, linger);
+    let (mut crops_open, mut jobs_open) = (true, true);
+    loop {
+        // Take in what the decode workers sent while inference ran, up to
+        // a batch's worth (the rest waits in the channel: back-pressure).
+        let now = Instant::now();
+        while crops_open && batcher.len() < max_batch {
+            match rx.try_recv() {
+                Ok(unit) => batcher.push(unit, now),
+                Err(TryRecvError::Empty) => break,
+                Err(TryRecvError::Disconnected) => {
+                    crops_open = false;
+                    batcher.close();
                 }
-                let run = engine
-                    .run(&tensor[..n * per_image], n, &mut out)
-                    .map(|()| out.embeddings[..n * dim].to_vec())
-                    .map_err(|e| e.to_string());
-                let _ = job.reply.send(run);
-                continue;
             }
-        };
-        batch.push(first);
-        let deadline = Instant::now() + max_delay;
-        while batch.len() < max_batch {
-            let now = Instant::now();
-            if now >= deadline {
-                break;
+        }
+        if batcher.next_batch(now, &mut batch) == 0 {
+            if jobs_open {
+                match jobs.try_recv() {
+                    Ok(job) => {
+                        run_embed_job(
+                            job,
+                            &mut engine,
+                            &normalizer,
+                            &mut tensor,
+                            &mut out,
+                            max_batch,
+                        );
+                        continue;
+                    }
+                    Err(TryRecvError::Disconnected) => jobs_open = false,
+                    Err(TryRecvError::Empty) => {}
+                }
             }
-            match rx.recv_timeout(deadline - now) {
-                Ok(p) => batch.push(p),
-                Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => break,
+            if !crops_open && batcher.is_empty() {
+                return;
             }
+            match wait(&rx, jobs_open.then_some(&jobs), batcher.deadline()) {
+                Wake::Unit(unit) => batcher.push(unit, Instant::now()),
+                Wake::Embed(job) => run_embed_job(
+                    job,
+                    &mut engine,
+                    &normalizer,
+                    &mut tensor,
+                    &mut out,
+                    max_batch,
+                ),
+                Wake::CropsClosed => {
+                    crops_open = false;
+                    batcher.close();
+                }
+                Wake::JobsClosed => jobs_open = false,
+                Wake::Deadline => {}
+            }
+            continue;
         }
         let n = batch.len();
         for (p, slot) in batch.iter().zip(tensor.chunks_exact_mut(per_image)) {
@@ -658,6 +723,7 @@ fn infer_loop(
                 ctx.finish(&p.request);
             }
         }
+        batcher.finished();
     }
 }
 
