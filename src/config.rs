@@ -342,7 +342,8 @@ pub struct BusConfig {
     /// Results kept while disconnected; older ones are dropped (and counted).
     pub outbox_capacity: usize,
     pub username: Option<String>,
-    pub password: Option<String>,
+    /// Prints as `********` in `Debug` output; `check-config` masks it too.
+    pub password: Option<crate::secrets::Secret>,
     pub tls: Option<TlsConfig>,
     pub reconnect_min_ms: u64,
     pub reconnect_max_ms: u64,
@@ -643,7 +644,7 @@ impl LoadedConfig {
     pub fn to_masked_toml(&self) -> String {
         let mut c = self.config.clone();
         if c.bus.password.is_some() {
-            c.bus.password = Some("********".into());
+            c.bus.password = Some(crate::secrets::Secret::new(crate::secrets::MASK));
         }
         toml::to_string_pretty(&c).unwrap_or_else(|e| format!("# cannot render config: {e}"))
     }
@@ -731,6 +732,9 @@ fn override_key(key: &str) -> Result<Vec<String>, String> {
     Ok(parts)
 }
 
+/// Keys whose values are secrets: errors about them never quote the value.
+const SECRET_KEYS: &[&str] = &["bus.password"];
+
 /// Applies `overrides` to `table` and deserializes the result. Each
 /// override is first read as a TOML value (numbers, booleans, arrays); when
 /// the configuration then fails to deserialize at exactly that key, it is
@@ -761,7 +765,13 @@ fn deserialize_with_overrides(
         };
         let failed = map_keys(err.path());
         let key = display_key(err.path());
-        let message = err.inner().message().trim_end().to_string();
+        let message = if SECRET_KEYS.contains(&key.as_str()) {
+            // serde quotes the offending value ("invalid type: integer
+            // `123456`"): never for a secret.
+            "must be a string (the value is not shown: it is a secret)".to_string()
+        } else {
+            err.inner().message().trim_end().to_string()
+        };
         // The last variable setting a key is the one that counts.
         let culprit = overrides
             .iter()
@@ -899,6 +909,30 @@ mod tests {
     }
 
     #[test]
+    fn the_password_never_appears_in_debug_output_or_errors() {
+        let c = load("[bus]\npassword = \"hunter2\"\n", &[]).unwrap();
+        let debug = format!("{c:?} {:?}", c.config.bus);
+        assert!(!debug.contains("hunter2"), "{debug}");
+        for text in [
+            "[bus]\npassword = 7654321\n",
+            "[bus]\npassword = [\"hunter2\"]\n",
+            "[bus]\npassword = hunter2\n",
+            "[bus]\npassword = \"hunter2\n",
+        ] {
+            let err = load(text, &[]).unwrap_err();
+            let shown = format!("{err} {err:?}");
+            assert!(
+                !shown.contains("7654321") && !shown.contains("hunter2"),
+                "{text}: {shown}"
+            );
+        }
+        let err = load("[bus]\npassword = 7654321\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("bus.password"), "{err}");
+    }
+
+    #[test]
     fn syntax_errors_are_not_valid_toml_with_line_and_column() {
         let err = load("[bus]\nport = = 3\n", &[]).unwrap_err();
         assert!(matches!(err, ConfigError::Parse { line: 2, .. }), "{err:?}");
@@ -941,7 +975,10 @@ mod tests {
         )
         .unwrap()
         .config;
-        assert_eq!(c.bus.password.as_deref(), Some("123456"));
+        assert_eq!(
+            c.bus.password.as_ref().map(crate::secrets::Secret::expose),
+            Some("123456")
+        );
         assert_eq!(c.device_id, "42");
         assert_eq!(c.bus.username.as_deref(), Some("true"));
         assert_eq!(c.bus.port, 1999);
@@ -1020,14 +1057,33 @@ mod tests {
         .expect("config parses")
     }
 
-    /// A self-signed certificate and its key, as PEM files in `dir`.
+    /// A self-signed certificate and its key (mode 0600), as PEM files in
+    /// `dir`.
     fn write_cert_and_key(dir: &Path) -> (PathBuf, PathBuf) {
+        use std::os::unix::fs::PermissionsExt;
         let certified =
             rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).expect("certificate");
         let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
         std::fs::write(&cert, certified.cert.pem()).unwrap();
         std::fs::write(&key, certified.key_pair.serialize_pem()).unwrap();
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
         (cert, key)
+    }
+
+    #[test]
+    fn a_tls_key_readable_by_others_fails_the_environment_check_with_the_fix() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let (_cert, key) = write_cert_and_key(dir.path());
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let tls =
+            "[bus.tls]\nca_file = \"cert.pem\"\ncert_file = \"cert.pem\"\nkey_file = \"key.pem\"\n";
+        let cfg = load_in(dir.path(), Path::new("state"), tls);
+        let err = cfg.check_environment().unwrap_err().to_string();
+        assert!(
+            err.contains("bus.tls") && err.contains(&format!("chmod 600 {}", key.display())),
+            "{err}"
+        );
     }
 
     #[test]

@@ -25,4 +25,5 @@ pub mod pipeline;
 pub mod protocol;
 pub mod recognizer;
 pub mod refdb;
+pub mod secrets;
 pub mod vision;

@@ -315,8 +315,14 @@ fn make_pki(dir: &Path) -> [PathBuf; 5] {
         ("client.key", client_key.serialize_pem()),
     ];
     files.map(|(name, pem)| {
+        use std::os::unix::fs::PermissionsExt;
         let p = dir.join(name);
         std::fs::write(&p, pem).unwrap();
+        // Private keys are readable by their owner only: the agent refuses
+        // any other.
+        if name.ends_with(".key") {
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+        }
         p
     })
 }

@@ -183,7 +183,8 @@ pub fn connection_options(cfg: &LoadedConfig, client_id: String) -> anyhow::Resu
     o.set_max_packet_size(MQTT_MAX_PACKET, bus.max_packet_bytes);
     o.set_inflight(100);
     if let Some(user) = &bus.username {
-        o.set_credentials(user.clone(), bus.password.clone().unwrap_or_default());
+        let password = bus.password.as_ref().map_or("", |p| p.expose());
+        o.set_credentials(user.clone(), password);
     }
     if let Some(resolved) = cfg.resolved_tls() {
         let client = tls::client_config(&resolved)?;

@@ -18,6 +18,9 @@ pub enum KeyError {
     BadSignature(String),
     #[error("cannot read private key {path}: {message}")]
     PrivateKey { path: String, message: String },
+    /// The private key file is missing, unreadable, or readable by others.
+    #[error(transparent)]
+    PrivateFile(#[from] crate::secrets::PrivateFileError),
     #[error("cannot generate a key pair")]
     Generate,
 }
@@ -87,14 +90,15 @@ pub struct SigningKey {
 }
 
 impl SigningKey {
-    /// Reads a PKCS#8 (DER) Ed25519 private key, as `fleet keygen` writes.
+    /// Reads a PKCS#8 (DER) Ed25519 private key, as `fleet keygen` writes
+    /// (mode 0600). A key file that its group or other users can access is
+    /// refused (see [`crate::secrets::read_private_file`]).
     pub fn load(path: &Path) -> Result<Self, KeyError> {
-        let err = |message: String| KeyError::PrivateKey {
+        let der = crate::secrets::read_private_file(path)?;
+        Self::from_pkcs8(&der).map_err(|message| KeyError::PrivateKey {
             path: path.display().to_string(),
             message,
-        };
-        let der = std::fs::read(path).map_err(|e| err(e.to_string()))?;
-        Self::from_pkcs8(&der).map_err(err)
+        })
     }
 
     pub fn from_pkcs8(der: &[u8]) -> Result<Self, String> {
@@ -159,6 +163,34 @@ mod tests {
             Err(KeyError::UnknownKey(_))
         ));
         trusted.verify("b", b"x", &b.sign(b"x")).unwrap();
+    }
+
+    #[test]
+    fn a_signing_key_file_readable_by_others_is_refused_with_the_fix() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ops.pk8");
+        std::fs::write(&path, SigningKey::generate_pkcs8().unwrap()).unwrap();
+        for mode in [0o644, 0o640, 0o604] {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+            let err = SigningKey::load(&path)
+                .err()
+                .expect("an open key is refused");
+            assert!(
+                matches!(
+                    err,
+                    KeyError::PrivateFile(crate::secrets::PrivateFileError::TooOpen { .. })
+                ),
+                "{mode:03o}: {err:?}"
+            );
+            assert!(
+                err.to_string()
+                    .contains(&format!("chmod 600 {}", path.display())),
+                "{err}"
+            );
+        }
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        SigningKey::load(&path).expect("a 0600 key loads");
     }
 
     #[test]

@@ -95,6 +95,9 @@ pub struct Mosquitto {
     pub dir: tempfile::TempDir,
     child: Option<Child>,
     extra: String,
+    /// The whole configuration, when the test wrote it (see
+    /// [`Mosquitto::start_with_config`]).
+    config: Option<String>,
 }
 
 pub fn mosquitto_binary() -> PathBuf {
@@ -122,6 +125,26 @@ impl Mosquitto {
             dir,
             child: None,
             extra: extra.to_string(),
+            config: None,
+        };
+        m.spawn();
+        m
+    }
+
+    /// Starts Mosquitto with exactly the configuration `make(port, dir)`
+    /// returns: `port` is a free loopback port for its one listener, `dir`
+    /// the broker's private directory (log, persistence, other files the
+    /// test writes there). `log()` reads `dir/mosquitto.log`.
+    pub fn start_with_config(make: impl FnOnce(u16, &Path) -> String) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let port = free_port();
+        let config = make(port, dir.path());
+        let mut m = Self {
+            port,
+            dir,
+            child: None,
+            extra: String::new(),
+            config: Some(config),
         };
         m.spawn();
         m
@@ -133,12 +156,12 @@ impl Mosquitto {
         // (kept across `restart`) in this private temporary directory.
         // Ignored when the tests do not run as root.
         let conf = self.dir.path().join("mosquitto.conf");
-        let text = format!(
+        let text = self.config.clone().unwrap_or_else(|| format!(
             "listener {port} 127.0.0.1\nuser root\nallow_anonymous true\nset_tcp_nodelay true\npersistence true\npersistence_location {dir}/\nautosave_interval 1\nmax_queued_messages 100000\nmax_inflight_messages 100\nmax_packet_size 20000000\nlog_dest file {dir}/mosquitto.log\n{extra}\n",
             port = self.port,
             dir = self.dir.path().display(),
             extra = self.extra,
-        );
+        ));
         std::fs::write(&conf, text).expect("write mosquitto.conf");
         let child = Command::new(mosquitto_binary())
             .arg("-c")
@@ -161,6 +184,13 @@ impl Mosquitto {
             }
             let _ = c.kill();
             let _ = c.wait();
+        }
+    }
+
+    /// Starts a stopped broker again (same port, same persistence).
+    pub fn start_again(&mut self) {
+        if self.child.is_none() {
+            self.spawn();
         }
     }
 
@@ -239,16 +269,42 @@ impl TestClient {
         Self::connect_with(port, id, subscriptions, false).await
     }
 
+    /// A client connecting over TLS with `tls` (e.g. a client certificate
+    /// for a broker that requires one).
+    pub async fn connect_tls(
+        port: u16,
+        id: &str,
+        subscriptions: &[&str],
+        tls: std::sync::Arc<rustls::ClientConfig>,
+    ) -> Self {
+        Self::connect_with_transport(port, id, subscriptions, true, Some(tls)).await
+    }
+
     async fn connect_with(
         port: u16,
         id: &str,
         subscriptions: &[&str],
         clean_session: bool,
     ) -> Self {
+        Self::connect_with_transport(port, id, subscriptions, clean_session, None).await
+    }
+
+    async fn connect_with_transport(
+        port: u16,
+        id: &str,
+        subscriptions: &[&str],
+        clean_session: bool,
+        tls: Option<std::sync::Arc<rustls::ClientConfig>>,
+    ) -> Self {
         let mut opts = rumqttc::MqttOptions::new(id, "127.0.0.1", port);
         opts.set_max_packet_size(20 << 20, 20 << 20);
         opts.set_keep_alive(Duration::from_secs(30));
         opts.set_clean_session(clean_session);
+        if let Some(tls) = tls {
+            opts.set_transport(rumqttc::Transport::tls_with_config(
+                rumqttc::TlsConfiguration::Rustls(tls),
+            ));
+        }
         let (client, mut events) = rumqttc::AsyncClient::new(opts, 1024);
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();

@@ -41,9 +41,12 @@ impl FleetKey {
         self.pair.sign(body).as_ref().to_vec()
     }
 
-    /// Writes the private key where `--key` can read it.
+    /// Writes the private key where `--key` can read it (mode 0600, as
+    /// `fleet keygen` does: a key others can read is refused).
     pub fn write(&self, path: &Path) {
+        use std::os::unix::fs::PermissionsExt;
         std::fs::write(path, &self.pkcs8).unwrap();
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
     }
 }
 
