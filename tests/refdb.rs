@@ -388,7 +388,10 @@ fn replacing_the_whole_content_again_and_again_keeps_the_db_size_proportional() 
     assert!(db.image("p039").unwrap().is_some());
     let meta = db.meta();
     drop(db);
-    assert!(!dir.path().join("refdb.next").exists(), "nothing left beside it");
+    assert!(
+        !dir.path().join("refdb.next").exists(),
+        "nothing left beside it"
+    );
     let db = RefDb::open(&path, settings(3, FP, 0)).unwrap();
     assert_eq!(db.meta(), meta);
     assert!(db.was_applied("u-16").unwrap());

@@ -559,3 +559,269 @@ fn two_agents_with_one_device_id_say_so_and_back_off_instead_of_fighting() {
     );
     eprintln!("two agents, one device_id, 15 s: connections {connections:?}");
 }
+
+/// A network namespace joined to the root one by a veth pair, for cutting
+/// an agent off its broker; removed when dropped.
+struct Netns {
+    name: String,
+    host_if: String,
+    host_ip: String,
+}
+
+fn ip(args: &[&str]) {
+    let out = std::process::Command::new("ip")
+        .args(args)
+        .output()
+        .expect("run ip (iproute2)");
+    assert!(
+        out.status.success(),
+        "ip {args:?} failed (network namespaces need root): {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+impl Netns {
+    fn new() -> Self {
+        let id = std::process::id() % 10_000;
+        let name = format!("ra-test-{id}");
+        let (host_if, ns_if) = (format!("rah{id}"), format!("ran{id}"));
+        let net = format!("10.211.{}", id % 250);
+        let (host_ip, ns_ip) = (format!("{net}.1"), format!("{net}.2"));
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "del", &name])
+            .output();
+        ip(&["netns", "add", &name]);
+        ip(&[
+            "link", "add", &host_if, "type", "veth", "peer", "name", &ns_if,
+        ]);
+        ip(&["link", "set", &ns_if, "netns", &name]);
+        ip(&["addr", "add", &format!("{host_ip}/30"), "dev", &host_if]);
+        ip(&["link", "set", &host_if, "up"]);
+        let in_ns = |args: &[&str]| {
+            let mut all = vec!["netns", "exec", &name, "ip"];
+            all.extend_from_slice(args);
+            ip(&all);
+        };
+        in_ns(&["addr", "add", &format!("{ns_ip}/30"), "dev", &ns_if]);
+        in_ns(&["link", "set", &ns_if, "up"]);
+        in_ns(&["link", "set", "lo", "up"]);
+        Self {
+            name,
+            host_if,
+            host_ip,
+        }
+    }
+
+    fn link(&self, up: bool) {
+        ip(&["link", "set", &self.host_if, if up { "up" } else { "down" }]);
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip")
+            .args(["link", "del", &self.host_if])
+            .output();
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_network_partition_publishes_the_will_and_every_qos1_request_is_answered_after() {
+    let qs = one_query_per_label(&queries());
+    let net = Netns::new();
+    let host_ip = net.host_ip.clone();
+    let broker = Mosquitto::start_with_config(|port, dir| {
+        format!(
+            "listener {port} 127.0.0.1\nlistener {port} {host_ip}\nuser root\nallow_anonymous true\npersistence true\npersistence_location {d}/\nmax_queued_messages 10000\nlog_dest file {d}/mosquitto.log\n",
+            d = dir.display()
+        )
+    });
+    let dev = "cut-off";
+    let h = enrolled_home(
+        &format!("device_id = {dev:?}\nfleet = \"store-9\""),
+        &format!(
+            "[bus]\nhost = {:?}\nport = {}\nkeep_alive_s = 5\nreconnect_min_ms = 200\nreconnect_max_ms = 2000\n",
+            net.host_ip, broker.port
+        ),
+    );
+    let (crops, results, status) = (
+        topic(dev, "crops"),
+        topic(dev, "results"),
+        topic(dev, "status"),
+    );
+    let mut c =
+        TestClient::connect_persistent(broker.port, "cut-off-checkout", &[&results, &status]).await;
+    let log = std::fs::File::create(h.path().join("agent.log")).unwrap();
+    let _agent = Killed(
+        std::process::Command::new("ip")
+            .args(["netns", "exec", &net.name])
+            .arg(env!("CARGO_BIN_EXE_retail-agent"))
+            .args(["run", "-c"])
+            .arg(&h.config_path)
+            .env("RUST_LOG", "info")
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start the agent in its namespace"),
+    );
+    let agent_log = || std::fs::read_to_string(h.path().join("agent.log")).unwrap_or_default();
+    let mut seen = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !seen
+        .iter()
+        .any(|(t, v): &(String, serde_json::Value)| *t == status && v["state"] == "online")
+    {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let Some((t, p, _)) = c.next(left).await else {
+            panic!("the agent never came online; its log:\n{}", agent_log());
+        };
+        seen.push((t, to_json(&p)));
+    }
+    let send = |c: &TestClient, from: usize, to: usize| {
+        let reqs: Vec<(String, Vec<u8>)> = (from..to)
+            .map(|i| {
+                let id = format!("cut-{i:02}");
+                let r = request(&id, vec![image(&qs[i % LABELS].1)], vec![]);
+                (id, r)
+            })
+            .collect();
+        let (client, crops) = (c.client.clone(), crops.clone());
+        async move {
+            for (_, r) in reqs {
+                client
+                    .publish(&crops, rumqttc::QoS::AtLeastOnce, false, r)
+                    .await
+                    .expect("publish");
+            }
+        }
+    };
+    send(&c, 0, 10).await;
+    net.link(false);
+    let cut = Instant::now();
+    send(&c, 10, 20).await;
+    // Keep-alive 5 s: the broker gives up on the agent after 7.5 s and
+    // publishes its Will.
+    let mut will_after = None;
+    while will_after.is_none() && cut.elapsed() < Duration::from_secs(20) {
+        if let Some((t, p, _)) = c.next(Duration::from_millis(200)).await {
+            let v = to_json(&p);
+            if t == status && v["state"] == "offline" {
+                will_after = Some(cut.elapsed());
+            }
+            seen.push((t, v));
+        }
+    }
+    let will_after = will_after.unwrap_or_else(|| {
+        panic!(
+            "no Will while the agent was cut off; its log:\n{}",
+            agent_log()
+        )
+    });
+    net.link(true);
+    let healed = Instant::now();
+    send(&c, 20, 30).await;
+    let want: HashSet<String> = (0..30).map(|i| format!("cut-{i:02}")).collect();
+    let mut answered: HashSet<String> = seen
+        .iter()
+        .filter(|(t, _)| *t == results)
+        .filter_map(|(_, v)| v["request_id"].as_str().map(str::to_string))
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !want.is_subset(&answered) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let Some((t, p, _)) = c.next(left).await else {
+            let missing: Vec<_> = want.difference(&answered).collect();
+            panic!(
+                "unanswered after the partition: {missing:?}; agent log:\n{}",
+                agent_log()
+            );
+        };
+        let v = to_json(&p);
+        if t == results {
+            if let Some(id) = v["request_id"].as_str() {
+                answered.insert(id.to_string());
+            }
+        }
+    }
+    eprintln!(
+        "partition: Will {:.1} s after the cut; all 30 answered {:.1} s after healing",
+        will_after.as_secs_f64(),
+        healed.elapsed().as_secs_f64()
+    );
+}
+
+/// Seconds the broker stays down in the outage test: 30 with
+/// `RELIABILITY_OUTAGE_S=30`, 10 by default to keep CI short.
+fn outage() -> Duration {
+    Duration::from_secs(
+        std::env::var("RELIABILITY_OUTAGE_S")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(10),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_qos1_request_published_around_a_broker_outage_is_answered() {
+    let qs = one_query_per_label(&queries());
+    let mut broker = Mosquitto::start("");
+    let dev = "outage";
+    let h = home(dev, broker.port, "", "");
+    let (crops, results) = (topic(dev, "crops"), topic(dev, "results"));
+    let agent = start(&h).await;
+    let c = TestClient::connect_persistent(broker.port, "outage-checkout", &[&results]).await;
+    let mut c = c;
+    let publish = |c: &TestClient, range: std::ops::Range<usize>| {
+        let reqs: Vec<Vec<u8>> = range
+            .map(|i| {
+                request(
+                    &format!("out-{i:02}"),
+                    vec![image(&qs[i % LABELS].1)],
+                    vec![],
+                )
+            })
+            .collect();
+        let (client, crops) = (c.client.clone(), crops.clone());
+        async move {
+            for r in reqs {
+                client
+                    .publish(&crops, rumqttc::QoS::AtLeastOnce, false, r)
+                    .await
+                    .expect("queue a publish");
+            }
+        }
+    };
+    publish(&c, 0..10).await;
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    tokio::task::block_in_place(|| broker.stop());
+    // Published while the broker is down: the checkout's client keeps them.
+    publish(&c, 10..20).await;
+    tokio::time::sleep(outage()).await;
+    tokio::task::block_in_place(|| broker.start_again());
+    let back = Instant::now();
+    publish(&c, 20..30).await;
+    let want: HashSet<String> = (0..30).map(|i| format!("out-{i:02}")).collect();
+    let mut answered = HashSet::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !want.is_subset(&answered) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let Some((t, p, _)) = c.next(left).await else {
+            let missing: Vec<_> = want.difference(&answered).collect();
+            panic!("unanswered after a {:?} outage: {missing:?}", outage());
+        };
+        if t == results {
+            if let Some(id) = to_json(&p)["request_id"].as_str() {
+                answered.insert(id.to_string());
+            }
+        }
+    }
+    eprintln!(
+        "broker down {:?}: all 30 answered {:.1} s after it came back",
+        outage(),
+        back.elapsed().as_secs_f64()
+    );
+    agent.stop().await.expect("clean stop");
+}
