@@ -6,7 +6,10 @@
 //! brokers drop a client that breaks it, while requests finish out of order;
 //! this sequencer holds each acknowledgement until all earlier ones are due.
 //! After a reconnect the old connection's tokens are void (the broker sends
-//! the unacknowledged messages again).
+//! the unacknowledged messages again). An acknowledgement that rumqttc
+//! cannot take right now (its request queue is full) is not lost: it waits,
+//! with every later one behind it to keep the order, until [`AckSequencer::retry`]
+//! or the next [`AckSequencer::done`] hands it over.
 
 use std::collections::VecDeque;
 use std::sync::Mutex;
@@ -27,6 +30,8 @@ struct State {
     /// Entries in arrival order; `pending[0]` has sequence `first_seq`.
     pending: VecDeque<Entry>,
     first_seq: u64,
+    /// Due acknowledgements rumqttc did not take yet, in order.
+    unsent: VecDeque<AckToken>,
 }
 
 /// Shared by the event loop (registers arrivals) and the publisher (marks
@@ -57,8 +62,10 @@ impl AckSequencer {
 
     /// Marks `token` answered and hands every acknowledgement now due to
     /// `send`, in arrival order (under the lock, so two callers cannot
-    /// interleave). Tokens of an earlier connection are ignored.
-    pub fn done(&self, token: AckToken, mut send: impl FnMut(AckToken)) {
+    /// interleave). `send` returns false when it could not take one: that
+    /// one and all later ones wait for the next call or [`Self::retry`].
+    /// Tokens of an earlier connection are ignored.
+    pub fn done(&self, token: AckToken, send: impl FnMut(AckToken) -> bool) {
         let mut s = self.lock();
         if token.generation != s.generation || token.seq < s.first_seq {
             return;
@@ -70,8 +77,32 @@ impl AckSequencer {
         while s.pending.front().is_some_and(|e| e.done) {
             if let Some(e) = s.pending.pop_front() {
                 s.first_seq += 1;
-                send(e.token);
+                s.unsent.push_back(e.token);
             }
+        }
+        Self::hand_over(&mut s, send);
+    }
+
+    /// Hands waiting acknowledgements to `send` again, in order.
+    pub fn retry(&self, send: impl FnMut(AckToken) -> bool) {
+        Self::hand_over(&mut self.lock(), send);
+    }
+
+    /// Acknowledgements waiting because rumqttc's queue was full.
+    pub fn unsent(&self) -> usize {
+        self.lock().unsent.len()
+    }
+
+    fn hand_over(s: &mut State, mut send: impl FnMut(AckToken) -> bool) {
+        while let Some(&t) = s.unsent.front() {
+            if t.generation != s.generation {
+                s.unsent.pop_front();
+                continue;
+            }
+            if !send(t) {
+                break;
+            }
+            s.unsent.pop_front();
         }
     }
 
@@ -81,15 +112,21 @@ impl AckSequencer {
         s.generation = s.generation.wrapping_add(1);
         s.first_seq = s.next_seq;
         s.pending.clear();
+        s.unsent.clear();
     }
 }
 
-/// Queues the PUBACK (or PUBREC) of `token` on the MQTT client.
-pub fn send_ack(client: &AsyncClient, token: AckToken) {
+/// Queues the PUBACK (or PUBREC) of `token` on the MQTT client; false when
+/// its request queue is full (the sequencer keeps the token for later).
+pub fn send_ack(client: &AsyncClient, token: AckToken) -> bool {
     let mut p = Publish::new("", super::qos(token.qos), Vec::<u8>::new());
     p.pkid = token.pkid;
-    if let Err(err) = client.try_ack(&p) {
-        tracing::warn!(pkid = token.pkid, "cannot queue an acknowledgement: {err}");
+    match client.try_ack(&p) {
+        Ok(()) => true,
+        Err(err) => {
+            tracing::debug!(pkid = token.pkid, "acknowledgement waits: {err}");
+            false
+        }
     }
 }
 
@@ -99,8 +136,45 @@ mod tests {
 
     fn drain(seq: &AckSequencer, token: AckToken) -> Vec<u16> {
         let mut sent = Vec::new();
-        seq.done(token, |t| sent.push(t.pkid));
+        seq.done(token, |t| {
+            sent.push(t.pkid);
+            true
+        });
         sent
+    }
+
+    #[test]
+    fn acknowledgements_the_client_cannot_take_wait_in_order_and_are_never_lost() {
+        let seq = AckSequencer::default();
+        let tokens: Vec<AckToken> = (1..=5).map(|p| seq.register(p, 1)).collect();
+        let mut sent = Vec::new();
+        // The client's queue takes two, then is full.
+        let mut room = 2;
+        for t in &tokens[..4] {
+            seq.done(*t, |t| {
+                if room == 0 {
+                    return false;
+                }
+                room -= 1;
+                sent.push(t.pkid);
+                true
+            });
+        }
+        assert_eq!(sent, vec![1, 2]);
+        assert_eq!(seq.unsent(), 2);
+        // Room again: the waiting ones go first, then the newest.
+        seq.done(tokens[4], |t| {
+            sent.push(t.pkid);
+            true
+        });
+        assert_eq!(sent, vec![1, 2, 3, 4, 5]);
+        assert_eq!(seq.unsent(), 0);
+        // A reconnect voids what still waited.
+        let t = seq.register(9, 1);
+        seq.done(t, |_| false);
+        assert_eq!(seq.unsent(), 1);
+        seq.reset();
+        assert_eq!(seq.unsent(), 0);
     }
 
     #[test]

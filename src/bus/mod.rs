@@ -544,6 +544,11 @@ impl PublisherTask {
                         let _ = done.send(());
                     }
                 },
+                // Acknowledgements rumqttc's full queue could not take
+                // wait in order; hand them over as soon as it has room.
+                _ = tokio::time::sleep(Duration::from_millis(2)), if self.acks.unsent() > 0 => {
+                    self.acks.retry(|t| acks::send_ack(&self.client, t));
+                }
             }
         }
     }
