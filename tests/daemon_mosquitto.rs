@@ -33,21 +33,11 @@ fn topic(device: &str, leaf: &str) -> String {
 /// An enrolled agent home for a broker on `port`. `bus` lines go into the
 /// `[bus]` section; `sections` follow it.
 fn home(device: &str, port: u16, bus: &str, sections: &str) -> AgentHome {
-    enrolled_home(
-        &format!("device_id = {device:?}\nfleet = {FLEET:?}"),
-        &format!(
-            "[bus]\nport = {port}\nreconnect_min_ms = 100\nreconnect_max_ms = 500\n{bus}\n{sections}"
-        ),
-    )
+    broker_home(device, port, bus, sections)
 }
 
 async fn start(home: &AgentHome) -> Agent {
-    let agent = Agent::start(home.load()).await.expect("agent starts");
-    assert!(
-        agent.wait_connected(Duration::from_secs(10)).await,
-        "agent did not connect to Mosquitto"
-    );
-    agent
+    start_connected(home).await
 }
 
 fn image_crop(bytes: &[u8]) -> Mp {

@@ -19,22 +19,31 @@ fn topic(device: &str, leaf: &str) -> String {
     format!("ror/{device}/{leaf}")
 }
 
+/// A device's topics, written out from the contract.
+struct DevTopics {
+    crops: String,
+    results: String,
+    errors: String,
+    status: String,
+}
+
+impl DevTopics {
+    fn new(dev: &str) -> Self {
+        Self {
+            crops: topic(dev, "crops"),
+            results: topic(dev, "results"),
+            errors: topic(dev, "errors"),
+            status: topic(dev, "status"),
+        }
+    }
+}
+
 fn home(device: &str, port: u16, bus: &str, sections: &str) -> AgentHome {
-    enrolled_home(
-        &format!("device_id = {device:?}\nfleet = \"store-9\""),
-        &format!(
-            "[bus]\nport = {port}\nreconnect_min_ms = 100\nreconnect_max_ms = 500\n{bus}\n{sections}"
-        ),
-    )
+    broker_home(device, port, bus, sections)
 }
 
 async fn start(home: &AgentHome) -> Agent {
-    let agent = Agent::start(home.load()).await.expect("agent starts");
-    assert!(
-        agent.wait_connected(Duration::from_secs(10)).await,
-        "agent did not connect to Mosquitto"
-    );
-    agent
+    start_connected(home).await
 }
 
 /// A MessagePack request: `request_id` first, then `crops`, then any
@@ -127,6 +136,48 @@ async fn results_or_reports(
     (answered, reported)
 }
 
+/// Publishes, at QoS 1, single-crop requests `{prefix}-{i:02}` for `range`
+/// (the client queues them while it is disconnected).
+async fn publish_range(c: &TestClient, crops: &str, prefix: &str, range: std::ops::Range<usize>) {
+    let qs = one_query_per_label(&queries());
+    for i in range {
+        let r = request(
+            &format!("{prefix}-{i:02}"),
+            vec![image(&qs[i % LABELS].1)],
+            vec![],
+        );
+        c.client
+            .publish(crops, rumqttc::QoS::AtLeastOnce, false, r)
+            .await
+            .expect("queue a publish");
+    }
+}
+
+/// Waits until every id in `want` has a result on `results` (those already
+/// in `answered` count); panics with the missing ids and `context()`.
+async fn wait_answered(
+    c: &mut TestClient,
+    results: &str,
+    want: &HashSet<String>,
+    mut answered: HashSet<String>,
+    timeout: Duration,
+    context: impl Fn() -> String,
+) {
+    let deadline = Instant::now() + timeout;
+    while !want.is_subset(&answered) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let Some((t, p, _)) = c.next(left).await else {
+            let missing: Vec<_> = want.difference(&answered).collect();
+            panic!("unanswered: {missing:?}; {}", context());
+        };
+        if t == results {
+            if let Some(id) = to_json(&p)["request_id"].as_str() {
+                answered.insert(id.to_string());
+            }
+        }
+    }
+}
+
 fn offline_statuses(seen: &[(String, serde_json::Value)], status: &str) -> usize {
     seen.iter()
         .filter(|(t, v)| t == status && v["state"] == "offline")
@@ -139,12 +190,12 @@ async fn an_oversized_request_is_consumed_and_reported_once_not_redelivered_fore
     let broker = Mosquitto::start("");
     let dev = "big-in";
     let h = home(dev, broker.port, "max_packet_bytes = 16777216", "");
-    let (crops, results, errors, status) = (
-        topic(dev, "crops"),
-        topic(dev, "results"),
-        topic(dev, "errors"),
-        topic(dev, "status"),
-    );
+    let DevTopics {
+        crops,
+        results,
+        errors,
+        status,
+    } = DevTopics::new(dev);
     let agent = start(&h).await;
     let mut c =
         TestClient::connect(broker.port, "big-in-client", &[&results, &errors, &status]).await;
@@ -216,12 +267,12 @@ async fn a_broker_message_size_limit_drops_oversized_requests_and_the_agent_keep
     let broker = Mosquitto::start("message_size_limit 1000000");
     let dev = "big-lim";
     let h = home(dev, broker.port, "", "");
-    let (crops, results, errors, status) = (
-        topic(dev, "crops"),
-        topic(dev, "results"),
-        topic(dev, "errors"),
-        topic(dev, "status"),
-    );
+    let DevTopics {
+        crops,
+        results,
+        errors,
+        status,
+    } = DevTopics::new(dev);
     let agent = start(&h).await;
     let mut c =
         TestClient::connect(broker.port, "big-lim-client", &[&results, &errors, &status]).await;
@@ -260,12 +311,12 @@ async fn answers_never_exceed_the_packet_limit_and_never_loop_the_connection() {
         "max_packet_bytes = 65536",
         "[limits]\nmax_crops = 1000\n",
     );
-    let (crops, results, errors, status) = (
-        topic(dev, "crops"),
-        topic(dev, "results"),
-        topic(dev, "errors"),
-        topic(dev, "status"),
-    );
+    let DevTopics {
+        crops,
+        results,
+        errors,
+        status,
+    } = DevTopics::new(dev);
     let agent = start(&h).await;
     let mut c =
         TestClient::connect(broker.port, "big-out-client", &[&results, &errors, &status]).await;
@@ -371,11 +422,12 @@ async fn a_qos1_burst_over_the_queue_is_held_back_at_the_broker_and_fully_answer
     let broker = Mosquitto::start("");
     let dev = "burst1";
     let h = home(dev, broker.port, "", "[pipeline]\nqueue_capacity = 32\n");
-    let (crops, results, errors) = (
-        topic(dev, "crops"),
-        topic(dev, "results"),
-        topic(dev, "errors"),
-    );
+    let DevTopics {
+        crops,
+        results,
+        errors,
+        ..
+    } = DevTopics::new(dev);
     let agent = start(&h).await;
     let mut c = TestClient::connect(broker.port, "burst1-client", &[&results, &errors]).await;
     const N: usize = 1500;
@@ -406,11 +458,12 @@ async fn a_qos0_flood_gets_every_request_answered_or_reported_and_full_speed_aft
     let broker = Mosquitto::start("");
     let dev = "flood0";
     let h = home(dev, broker.port, "", "[pipeline]\nqueue_capacity = 8\n");
-    let (crops, results, errors) = (
-        topic(dev, "crops"),
-        topic(dev, "results"),
-        topic(dev, "errors"),
-    );
+    let DevTopics {
+        crops,
+        results,
+        errors,
+        ..
+    } = DevTopics::new(dev);
     let agent = start(&h).await;
     let mut c = TestClient::connect(broker.port, "flood0-client", &[&results, &errors]).await;
     const N: usize = 20000;
@@ -630,7 +683,6 @@ impl Drop for Netns {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_network_partition_publishes_the_will_and_every_qos1_request_is_answered_after() {
-    let qs = one_query_per_label(&queries());
     let net = Netns::new();
     let host_ip = net.host_ip.clone();
     let broker = Mosquitto::start_with_config(|port, dir| {
@@ -680,28 +732,10 @@ async fn a_network_partition_publishes_the_will_and_every_qos1_request_is_answer
         };
         seen.push((t, to_json(&p)));
     }
-    let send = |c: &TestClient, from: usize, to: usize| {
-        let reqs: Vec<(String, Vec<u8>)> = (from..to)
-            .map(|i| {
-                let id = format!("cut-{i:02}");
-                let r = request(&id, vec![image(&qs[i % LABELS].1)], vec![]);
-                (id, r)
-            })
-            .collect();
-        let (client, crops) = (c.client.clone(), crops.clone());
-        async move {
-            for (_, r) in reqs {
-                client
-                    .publish(&crops, rumqttc::QoS::AtLeastOnce, false, r)
-                    .await
-                    .expect("publish");
-            }
-        }
-    };
-    send(&c, 0, 10).await;
+    publish_range(&c, &crops, "cut", 0..10).await;
     net.link(false);
     let cut = Instant::now();
-    send(&c, 10, 20).await;
+    publish_range(&c, &crops, "cut", 10..20).await;
     // Keep-alive 5 s: the broker gives up on the agent after 7.5 s and
     // publishes its Will.
     let mut will_after = None;
@@ -722,30 +756,22 @@ async fn a_network_partition_publishes_the_will_and_every_qos1_request_is_answer
     });
     net.link(true);
     let healed = Instant::now();
-    send(&c, 20, 30).await;
+    publish_range(&c, &crops, "cut", 20..30).await;
     let want: HashSet<String> = (0..30).map(|i| format!("cut-{i:02}")).collect();
-    let mut answered: HashSet<String> = seen
+    let answered: HashSet<String> = seen
         .iter()
         .filter(|(t, _)| *t == results)
         .filter_map(|(_, v)| v["request_id"].as_str().map(str::to_string))
         .collect();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !want.is_subset(&answered) {
-        let left = deadline.saturating_duration_since(Instant::now());
-        let Some((t, p, _)) = c.next(left).await else {
-            let missing: Vec<_> = want.difference(&answered).collect();
-            panic!(
-                "unanswered after the partition: {missing:?}; agent log:\n{}",
-                agent_log()
-            );
-        };
-        let v = to_json(&p);
-        if t == results {
-            if let Some(id) = v["request_id"].as_str() {
-                answered.insert(id.to_string());
-            }
-        }
-    }
+    wait_answered(
+        &mut c,
+        &results,
+        &want,
+        answered,
+        Duration::from_secs(60),
+        || format!("after the partition; agent log:\n{}", agent_log()),
+    )
+    .await;
     eprintln!(
         "partition: Will {:.1} s after the cut; all 30 answered {:.1} s after healing",
         will_after.as_secs_f64(),
@@ -766,58 +792,31 @@ fn outage() -> Duration {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_qos1_request_published_around_a_broker_outage_is_answered() {
-    let qs = one_query_per_label(&queries());
     let mut broker = Mosquitto::start("");
     let dev = "outage";
     let h = home(dev, broker.port, "", "");
     let (crops, results) = (topic(dev, "crops"), topic(dev, "results"));
     let agent = start(&h).await;
-    let c = TestClient::connect_persistent(broker.port, "outage-checkout", &[&results]).await;
-    let mut c = c;
-    let publish = |c: &TestClient, range: std::ops::Range<usize>| {
-        let reqs: Vec<Vec<u8>> = range
-            .map(|i| {
-                request(
-                    &format!("out-{i:02}"),
-                    vec![image(&qs[i % LABELS].1)],
-                    vec![],
-                )
-            })
-            .collect();
-        let (client, crops) = (c.client.clone(), crops.clone());
-        async move {
-            for r in reqs {
-                client
-                    .publish(&crops, rumqttc::QoS::AtLeastOnce, false, r)
-                    .await
-                    .expect("queue a publish");
-            }
-        }
-    };
-    publish(&c, 0..10).await;
+    let mut c = TestClient::connect_persistent(broker.port, "outage-checkout", &[&results]).await;
+    publish_range(&c, &crops, "out", 0..10).await;
     tokio::time::sleep(Duration::from_millis(30)).await;
     tokio::task::block_in_place(|| broker.stop());
     // Published while the broker is down: the checkout's client keeps them.
-    publish(&c, 10..20).await;
+    publish_range(&c, &crops, "out", 10..20).await;
     tokio::time::sleep(outage()).await;
     tokio::task::block_in_place(|| broker.start_again());
     let back = Instant::now();
-    publish(&c, 20..30).await;
+    publish_range(&c, &crops, "out", 20..30).await;
     let want: HashSet<String> = (0..30).map(|i| format!("out-{i:02}")).collect();
-    let mut answered = HashSet::new();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !want.is_subset(&answered) {
-        let left = deadline.saturating_duration_since(Instant::now());
-        let Some((t, p, _)) = c.next(left).await else {
-            let missing: Vec<_> = want.difference(&answered).collect();
-            panic!("unanswered after a {:?} outage: {missing:?}", outage());
-        };
-        if t == results {
-            if let Some(id) = to_json(&p)["request_id"].as_str() {
-                answered.insert(id.to_string());
-            }
-        }
-    }
+    wait_answered(
+        &mut c,
+        &results,
+        &want,
+        HashSet::new(),
+        Duration::from_secs(60),
+        || format!("after a {:?} outage", outage()),
+    )
+    .await;
     eprintln!(
         "broker down {:?}: all 30 answered {:.1} s after it came back",
         outage(),

@@ -264,30 +264,24 @@ impl Store {
 
     /// All references in ascending byte order of `ref_id`.
     pub fn load_all(&self) -> Result<Vec<StoredRef>, StoreError> {
-        let mut out = Vec::new();
-        for item in self.tree.scan_prefix(REF_PREFIX) {
-            let (key, value) = item?;
-            let record: StoredRef =
-                rmp_serde::from_slice(&value).map_err(|e| StoreError::Corrupt {
-                    key: String::from_utf8_lossy(&key).into_owned(),
-                    message: e.to_string(),
-                })?;
-            out.push(record);
-        }
-        Ok(out)
+        self.scan_refs()
     }
 
     /// All references without their images, in ascending byte order of
     /// `ref_id`.
     pub fn load_meta(&self) -> Result<Vec<StoredMeta>, StoreError> {
+        self.scan_refs()
+    }
+
+    /// Every stored reference read as `T` (a record or part of one).
+    fn scan_refs<T: serde::de::DeserializeOwned>(&self) -> Result<Vec<T>, StoreError> {
         let mut out = Vec::new();
         for item in self.tree.scan_prefix(REF_PREFIX) {
             let (key, value) = item?;
-            let record: StoredMeta =
-                rmp_serde::from_slice(&value).map_err(|e| StoreError::Corrupt {
-                    key: String::from_utf8_lossy(&key).into_owned(),
-                    message: e.to_string(),
-                })?;
+            let record: T = rmp_serde::from_slice(&value).map_err(|e| StoreError::Corrupt {
+                key: String::from_utf8_lossy(&key).into_owned(),
+                message: e.to_string(),
+            })?;
             out.push(record);
         }
         Ok(out)

@@ -35,6 +35,30 @@ pub fn enrolled_home(top_level: &str, sections: &str) -> AgentHome {
     home
 }
 
+/// An enrolled agent home of `device` in fleet `store-9` for a broker on
+/// `port`, reconnecting fast (100 to 500 ms). `bus` lines go into the
+/// `[bus]` section; `sections` follow it.
+pub fn broker_home(device: &str, port: u16, bus: &str, sections: &str) -> AgentHome {
+    enrolled_home(
+        &format!("device_id = {device:?}\nfleet = \"store-9\""),
+        &format!(
+            "[bus]\nport = {port}\nreconnect_min_ms = 100\nreconnect_max_ms = 500\n{bus}\n{sections}"
+        ),
+    )
+}
+
+/// Starts the agent of `home` in-process and waits until it is connected.
+pub async fn start_connected(home: &AgentHome) -> retail_agent::daemon::Agent {
+    let agent = retail_agent::daemon::Agent::start(home.load())
+        .await
+        .expect("agent starts");
+    assert!(
+        agent.wait_connected(Duration::from_secs(10)).await,
+        "agent did not connect to the broker"
+    );
+    agent
+}
+
 fn copy_dir(from: &Path, to: &Path) {
     std::fs::create_dir_all(to).unwrap();
     for entry in std::fs::read_dir(from).unwrap() {
