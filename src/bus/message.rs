@@ -26,6 +26,16 @@ pub struct Incoming {
     pub ack: Option<AckToken>,
 }
 
+/// Room kept in a packet for the fixed header, the topic's length prefix
+/// and the packet id.
+const PACKET_OVERHEAD: usize = 64;
+
+/// Whether a message of `payload_len` bytes for `topic` fits one packet of
+/// at most `max_packet_bytes` (`bus.max_packet_bytes`).
+pub fn fits_packet(topic: &str, payload_len: usize, max_packet_bytes: usize) -> bool {
+    payload_len + topic.len() + PACKET_OVERHEAD <= max_packet_bytes
+}
+
 /// A message for the bus to publish, with the request to acknowledge after.
 #[derive(Debug, Clone)]
 pub struct Outbound {

@@ -31,7 +31,7 @@ use crate::metrics::Metrics;
 use crate::protocol::{self, AgentState, ModelRef, RefDbState, Status, StatusPeek, Will};
 use crate::refdb::RefDb;
 pub use acks::AckSequencer;
-pub use message::{AckToken, Incoming, Outbound, RequestSink, ToBus};
+pub use message::{fits_packet, AckToken, Incoming, Outbound, RequestSink, ToBus};
 pub use topics::Topics;
 
 /// Facts the Status message reports.
@@ -566,7 +566,7 @@ impl PublisherTask {
     }
 
     async fn send(&self, m: Outbound) {
-        if m.payload.len() + m.topic.len() + 64 > self.max_packet_bytes {
+        if !fits_packet(&m.topic, m.payload.len(), self.max_packet_bytes) {
             // The pipeline replaces results that do not fit; anything else
             // this large is a bug, reported here instead of looping.
             tracing::error!(

@@ -67,9 +67,6 @@ pub struct PipelineContext {
     pub max_packet_bytes: usize,
 }
 
-/// Room kept in a packet for the fixed header, the topic and the packet id.
-const PACKET_OVERHEAD: usize = 64;
-
 impl PipelineContext {
     fn send(&self, msg: Outbound) {
         if self.out.blocking_send(ToBus::Send(msg)).is_err() {
@@ -112,16 +109,11 @@ impl PipelineContext {
         ));
     }
 
-    /// Whether a payload for `topic` fits one packet.
-    fn fits(&self, topic: &str, payload: &[u8]) -> bool {
-        payload.len() + topic.len() + PACKET_OVERHEAD <= self.max_packet_bytes
-    }
-
     fn finish(&self, req: &RequestState) {
         let refdb_version = req.refdb_version(self.refdb.meta().version);
         let result = req.result(&self.device_id, &self.model, refdb_version);
         let payload = protocol::encode(&result, req.encoding);
-        if !self.fits(&self.results_topic, &payload) {
+        if !crate::bus::fits_packet(&self.results_topic, payload.len(), self.max_packet_bytes) {
             // Echoed strings are bounded, so only a huge crop count with
             // large candidate lists gets here: answer with an ErrorReport.
             self.metrics.add_errors(1);
