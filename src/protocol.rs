@@ -21,15 +21,22 @@ pub const MAX_ECHOED_ID: usize = 256;
 /// the input are cut to this.
 pub const MAX_ERROR_TEXT: usize = 1024;
 
+/// At most `max` bytes of untrusted `s` (cut at a character boundary), to
+/// quote in an error or ack without echoing a huge string.
+pub fn excerpt(s: &str, max: usize) -> &str {
+    let mut end = s.len().min(max);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
 /// `text` cut to [`MAX_ERROR_TEXT`] bytes (at a character boundary), saying
 /// how much was left out.
 pub fn bounded_text(mut text: String) -> String {
     if text.len() > MAX_ERROR_TEXT {
         let total = text.len();
-        let mut end = MAX_ERROR_TEXT - 64;
-        while !text.is_char_boundary(end) {
-            end -= 1;
-        }
+        let end = excerpt(&text, MAX_ERROR_TEXT - 64).len();
         text.truncate(end);
         text.push_str(&format!("… ({} more bytes cut)", total - end));
     }

@@ -55,10 +55,9 @@ impl TrustedKeys {
 
     /// Checks that `sig` is the Ed25519 signature of `message` by `key_id`.
     pub fn verify(&self, key_id: &str, message: &[u8], sig: &[u8]) -> Result<(), KeyError> {
-        let key = self
-            .keys
-            .get(key_id)
-            .ok_or_else(|| KeyError::UnknownKey(super::excerpt(key_id, 64).to_string()))?;
+        let key = self.keys.get(key_id).ok_or_else(|| {
+            KeyError::UnknownKey(crate::protocol::excerpt(key_id, 64).to_string())
+        })?;
         UnparsedPublicKey::new(&ED25519, key)
             .verify(message, sig)
             .map_err(|_| KeyError::BadSignature(key_id.to_string()))

@@ -18,13 +18,3 @@ pub mod rules;
 pub mod session;
 
 pub use receiver::{ImageEmbedder, Outcome, UpdateReceiver};
-
-/// At most `max` bytes of untrusted `s` (cut at a character boundary), to
-/// quote in an error or ack without echoing a huge string.
-pub(crate) fn excerpt(s: &str, max: usize) -> &str {
-    let mut end = s.len().min(max);
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    &s[..end]
-}

@@ -46,7 +46,7 @@ pub enum Screened {
 const QUOTE_BYTES: usize = 64;
 
 fn quote(s: &str) -> String {
-    let cut = super::excerpt(s, QUOTE_BYTES);
+    let cut = crate::protocol::excerpt(s, QUOTE_BYTES);
     if cut.len() < s.len() {
         format!("{cut:?}…")
     } else {
