@@ -10,11 +10,12 @@ mod common;
 mod daemon_support;
 
 use std::collections::{HashMap, HashSet};
-use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{free_port, queries, to_json, wait_for_port, AgentHome, Mosquitto, TestClient};
+use common::{
+    free_port, queries, to_json, wait_for_port, AgentHome, Mosquitto, TestClient, TestPki,
+};
 use daemon_support::*;
 use retail_agent::daemon::Agent;
 use rmpv::Value as Mp;
@@ -260,72 +261,18 @@ async fn every_qos1_request_is_answered_across_a_broker_restart() {
     agent.stop().await.expect("clean stop");
 }
 
-/// A CA, a server certificate for 127.0.0.1/localhost and a client
-/// certificate, as PEM files in `dir`: (ca, server cert, server key,
-/// client cert, client key).
-fn make_pki(dir: &Path) -> [PathBuf; 5] {
-    use rcgen::{
-        BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
-        KeyUsagePurpose,
-    };
-    let ca_key = KeyPair::generate().unwrap();
-    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca.distinguished_name
-        .push(DnType::CommonName, "retail-agent test CA");
-    ca.key_usages = vec![
-        KeyUsagePurpose::KeyCertSign,
-        KeyUsagePurpose::CrlSign,
-        KeyUsagePurpose::DigitalSignature,
-    ];
-    let ca_cert = ca.self_signed(&ca_key).unwrap();
-
-    let server_key = KeyPair::generate().unwrap();
-    let mut server =
-        CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()]).unwrap();
-    server
-        .distinguished_name
-        .push(DnType::CommonName, "localhost");
-    server.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-    let server_cert = server.signed_by(&server_key, &ca_cert, &ca_key).unwrap();
-
-    let client_key = KeyPair::generate().unwrap();
-    let mut client = CertificateParams::new(Vec::<String>::new()).unwrap();
-    client
-        .distinguished_name
-        .push(DnType::CommonName, "retail-agent-device");
-    client.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-    let client_cert = client.signed_by(&client_key, &ca_cert, &ca_key).unwrap();
-
-    let files = [
-        ("ca.pem", ca_cert.pem()),
-        ("server.pem", server_cert.pem()),
-        ("server.key", server_key.serialize_pem()),
-        ("client.pem", client_cert.pem()),
-        ("client.key", client_key.serialize_pem()),
-    ];
-    files.map(|(name, pem)| {
-        use std::os::unix::fs::PermissionsExt;
-        let p = dir.join(name);
-        std::fs::write(&p, pem).unwrap();
-        // Private keys are readable by their owner only: the agent refuses
-        // any other.
-        if name.ends_with(".key") {
-            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
-        }
-        p
-    })
-}
+/// The Common Name of the agent's client certificate in the TLS tests.
+const DEVICE_CN: &str = "retail-agent-device";
 
 /// Mosquitto with its plain listener (for the test client) and a TLS
 /// listener; returns (broker, TLS port).
-fn tls_broker(pki: &[PathBuf; 5], require_certificate: bool) -> (Mosquitto, u16) {
+fn tls_broker(pki: &TestPki, require_certificate: bool) -> (Mosquitto, u16) {
     let tls_port = free_port();
     let extra = format!(
         "listener {tls_port} 127.0.0.1\ncafile {}\ncertfile {}\nkeyfile {}\nrequire_certificate {require_certificate}\n",
-        pki[0].display(),
-        pki[1].display(),
-        pki[2].display(),
+        pki.ca.display(),
+        pki.server_cert.display(),
+        pki.server_key.display(),
     );
     let broker = mosquitto(&extra);
     wait_for_port(tls_port);
@@ -356,10 +303,9 @@ async fn ask(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_agent_verifies_the_broker_and_answers_over_tls() {
     let qs = one_query_per_label(&queries());
-    let pki_dir = tempfile::tempdir().unwrap();
-    let pki = make_pki(pki_dir.path());
+    let pki = TestPki::new(&[DEVICE_CN]);
     let (broker, tls_port) = tls_broker(&pki, false);
-    let tls = format!("[bus.tls]\nca_file = {:?}\n", pki[0].display().to_string());
+    let tls = format!("[bus.tls]\nca_file = {:?}\n", pki.ca.display().to_string());
     // "localhost" here: the server certificate's DNS name is checked.
     let h = home("mq-tls", tls_port, "host = \"localhost\"", &tls);
     let agent = start(&h).await;
@@ -379,14 +325,13 @@ async fn tls_agent_verifies_the_broker_and_answers_over_tls() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mutual_tls_agent_with_a_client_certificate_answers_and_one_without_is_refused() {
     let qs = one_query_per_label(&queries());
-    let pki_dir = tempfile::tempdir().unwrap();
-    let pki = make_pki(pki_dir.path());
+    let pki = TestPki::new(&[DEVICE_CN]);
     let (broker, tls_port) = tls_broker(&pki, true);
     let with_cert = format!(
         "[bus.tls]\nca_file = {:?}\ncert_file = {:?}\nkey_file = {:?}\n",
-        pki[0].display().to_string(),
-        pki[3].display().to_string(),
-        pki[4].display().to_string(),
+        pki.ca.display().to_string(),
+        pki.clients[DEVICE_CN].0.display().to_string(),
+        pki.clients[DEVICE_CN].1.display().to_string(),
     );
     let h = home("mq-mtls", tls_port, "host = \"127.0.0.1\"", &with_cert);
     let agent = start(&h).await;
@@ -405,7 +350,7 @@ async fn mutual_tls_agent_with_a_client_certificate_answers_and_one_without_is_r
     );
 
     // Same CA, no client certificate: the broker must refuse it.
-    let without = format!("[bus.tls]\nca_file = {:?}\n", pki[0].display().to_string());
+    let without = format!("[bus.tls]\nca_file = {:?}\n", pki.ca.display().to_string());
     let h2 = home("mq-nocert", tls_port, "host = \"127.0.0.1\"", &without);
     let refused = Agent::start(h2.load()).await.expect("agent starts");
     assert!(

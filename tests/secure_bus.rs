@@ -15,13 +15,12 @@
 mod common;
 mod daemon_support;
 
-use std::collections::BTreeMap;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{queries, repo_path, to_json, AgentHome, Mosquitto, TestClient};
+use common::{queries, repo_path, to_json, AgentHome, Mosquitto, TestClient, TestPki};
 use daemon_support::*;
 use retail_agent::config::TlsConfig;
 use retail_agent::daemon::Agent;
@@ -40,105 +39,6 @@ fn topic(device: &str, leaf: &str) -> String {
 
 fn fleet_topic() -> String {
     format!("ror/fleet/{FLEET}/refdb")
-}
-
-// ---------------------------------------------------------------- PKI
-
-/// A CA, a server certificate for 127.0.0.1 and client certificates whose
-/// Common Names are the given names, as PEM files (keys mode 0600).
-struct Pki {
-    _dir: tempfile::TempDir,
-    ca: PathBuf,
-    server_cert: PathBuf,
-    server_key: PathBuf,
-    /// CN → (certificate, key).
-    clients: BTreeMap<String, (PathBuf, PathBuf)>,
-}
-
-impl Pki {
-    fn new(client_names: &[&str]) -> Self {
-        use rcgen::{
-            BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
-            KeyUsagePurpose,
-        };
-        let dir = tempfile::tempdir().unwrap();
-        let write = |name: &str, pem: String| -> PathBuf {
-            let p = dir.path().join(name);
-            std::fs::write(&p, pem).unwrap();
-            if name.ends_with(".key") {
-                std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
-            }
-            p
-        };
-        let ca_key = KeyPair::generate().unwrap();
-        let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
-        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        ca.distinguished_name
-            .push(DnType::CommonName, "retail-agent secure-bus test CA");
-        ca.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::CrlSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
-        let ca_cert = ca.self_signed(&ca_key).unwrap();
-
-        let server_key = KeyPair::generate().unwrap();
-        let mut server =
-            CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()]).unwrap();
-        server
-            .distinguished_name
-            .push(DnType::CommonName, "localhost");
-        server.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-        let server_cert = server.signed_by(&server_key, &ca_cert, &ca_key).unwrap();
-
-        let mut clients = BTreeMap::new();
-        for name in client_names {
-            let key = KeyPair::generate().unwrap();
-            let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-            params.distinguished_name.push(DnType::CommonName, *name);
-            params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-            let cert = params.signed_by(&key, &ca_cert, &ca_key).unwrap();
-            clients.insert(
-                name.to_string(),
-                (
-                    write(&format!("{name}.pem"), cert.pem()),
-                    write(&format!("{name}.key"), key.serialize_pem()),
-                ),
-            );
-        }
-        Self {
-            ca: write("ca.pem", ca_cert.pem()),
-            server_cert: write("server.pem", server_cert.pem()),
-            server_key: write("server.key", server_key.serialize_pem()),
-            clients,
-            _dir: dir,
-        }
-    }
-
-    /// The agent's `[bus.tls]` settings for client `name`.
-    fn tls(&self, name: &str) -> TlsConfig {
-        let (cert, key) = &self.clients[name];
-        TlsConfig {
-            ca_file: self.ca.clone(),
-            cert_file: Some(cert.clone()),
-            key_file: Some(key.clone()),
-        }
-    }
-
-    /// A rustls client configuration presenting `name`'s certificate.
-    fn client(&self, name: &str) -> Arc<rustls::ClientConfig> {
-        retail_agent::bus::tls::client_config(&self.tls(name)).expect("client TLS config")
-    }
-
-    /// One that trusts the CA but presents no certificate.
-    fn anonymous_client(&self) -> Arc<rustls::ClientConfig> {
-        retail_agent::bus::tls::client_config(&TlsConfig {
-            ca_file: self.ca.clone(),
-            cert_file: None,
-            key_file: None,
-        })
-        .expect("client TLS config")
-    }
 }
 
 // ---------------------------------------------------------------- broker
@@ -167,7 +67,7 @@ fn substitute_lines(text: &str, subs: &[(&str, String)]) -> String {
 
 /// Mosquitto running the shipped `mosquitto.conf` and `acl`, with `pki`'s
 /// server certificate, on a free loopback port.
-fn locked_down_broker(pki: &Pki) -> Mosquitto {
+fn locked_down_broker(pki: &TestPki) -> Mosquitto {
     let conf = shipped("mosquitto.conf");
     let acl = shipped("acl");
     Mosquitto::start_with_config(|port, dir| {
@@ -302,8 +202,8 @@ fn tls_home(device: &str, port: u16, tls: &TlsConfig) -> AgentHome {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_shipped_broker_accepts_only_tls_clients_with_a_certificate_of_its_ca() {
-    let pki = Pki::new(&[A]);
-    let stranger = Pki::new(&[A]);
+    let pki = TestPki::new(&[A]);
+    let stranger = TestPki::new(&[A]);
     let broker = locked_down_broker(&pki);
     assert!(
         connects(broker.port, "probe-ok", Some(pki.client(A))).await,
@@ -331,7 +231,7 @@ async fn the_shipped_broker_accepts_only_tls_clients_with_a_certificate_of_its_c
 async fn device_a_serves_the_checkout_but_its_certificate_cannot_reach_device_b_or_the_fleet_update_topic(
 ) {
     let qs = one_query_per_label(&queries());
-    let pki = Pki::new(&[A, B, CHECKOUT, OPERATOR]);
+    let pki = TestPki::new(&[A, B, CHECKOUT, OPERATOR]);
     let broker = locked_down_broker(&pki);
     let port = broker.port;
 
@@ -622,7 +522,7 @@ fn open_up(path: &Path) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tls_key_readable_by_others_is_refused_by_check_config_and_the_daemon() {
-    let pki = Pki::new(&[A]);
+    let pki = TestPki::new(&[A]);
     let tls = pki.tls(A);
     let key = tls.key_file.clone().unwrap();
     open_up(&key);

@@ -452,3 +452,104 @@ pub fn msgpack_request(request_id: &str, images: &[&[u8]]) -> Vec<u8> {
     rmpv::encode::write_value(&mut out, &v).unwrap();
     out
 }
+
+/// A CA, a server certificate for 127.0.0.1 and client certificates whose
+/// Common Names are the given names, as PEM files (keys mode 0600).
+pub struct TestPki {
+    _dir: tempfile::TempDir,
+    pub ca: PathBuf,
+    pub server_cert: PathBuf,
+    pub server_key: PathBuf,
+    /// CN → (certificate, key).
+    pub clients: std::collections::BTreeMap<String, (PathBuf, PathBuf)>,
+}
+
+impl TestPki {
+    pub fn new(client_names: &[&str]) -> Self {
+        use rcgen::{
+            BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
+            KeyUsagePurpose,
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let write = |name: &str, pem: String| -> PathBuf {
+            let p = dir.path().join(name);
+            std::fs::write(&p, pem).unwrap();
+            if name.ends_with(".key") {
+                std::fs::set_permissions(
+                    &p,
+                    <std::fs::Permissions as std::os::unix::fs::PermissionsExt>::from_mode(0o600),
+                )
+                .unwrap();
+            }
+            p
+        };
+        let ca_key = KeyPair::generate().unwrap();
+        let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca.distinguished_name
+            .push(DnType::CommonName, "retail-agent test CA");
+        ca.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        let ca_cert = ca.self_signed(&ca_key).unwrap();
+
+        let server_key = KeyPair::generate().unwrap();
+        let mut server =
+            CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()]).unwrap();
+        server
+            .distinguished_name
+            .push(DnType::CommonName, "localhost");
+        server.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        let server_cert = server.signed_by(&server_key, &ca_cert, &ca_key).unwrap();
+
+        let mut clients = std::collections::BTreeMap::new();
+        for name in client_names {
+            let key = KeyPair::generate().unwrap();
+            let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+            params.distinguished_name.push(DnType::CommonName, *name);
+            params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+            let cert = params.signed_by(&key, &ca_cert, &ca_key).unwrap();
+            clients.insert(
+                name.to_string(),
+                (
+                    write(&format!("{name}.pem"), cert.pem()),
+                    write(&format!("{name}.key"), key.serialize_pem()),
+                ),
+            );
+        }
+        Self {
+            ca: write("ca.pem", ca_cert.pem()),
+            server_cert: write("server.pem", server_cert.pem()),
+            server_key: write("server.key", server_key.serialize_pem()),
+            clients,
+            _dir: dir,
+        }
+    }
+
+    /// The agent's `[bus.tls]` settings for client `name`.
+    pub fn tls(&self, name: &str) -> retail_agent::config::TlsConfig {
+        let (cert, key) = &self.clients[name];
+        retail_agent::config::TlsConfig {
+            ca_file: self.ca.clone(),
+            cert_file: Some(cert.clone()),
+            key_file: Some(key.clone()),
+        }
+    }
+
+    /// A rustls client configuration presenting `name`'s certificate.
+    pub fn client(&self, name: &str) -> std::sync::Arc<rustls::ClientConfig> {
+        retail_agent::bus::tls::client_config(&self.tls(name)).expect("client TLS config")
+    }
+
+    /// One that trusts the CA but presents no certificate.
+    pub fn anonymous_client(&self) -> std::sync::Arc<rustls::ClientConfig> {
+        retail_agent::bus::tls::client_config(&retail_agent::config::TlsConfig {
+            ca_file: self.ca.clone(),
+            cert_file: None,
+            key_file: None,
+        })
+        .expect("client TLS config")
+    }
+}
