@@ -232,11 +232,37 @@ impl Snapshot {
 pub struct RefDb {
     /// Replaced as a whole when the DB's whole content is (see
     /// [`RefDb::apply_guarded`]).
-    store: RwLock<Arc<Store>>,
+    store: Swappable<Store>,
     dir: std::path::PathBuf,
     settings: RefDbSettings,
-    current: RwLock<Arc<Snapshot>>,
+    current: Swappable<Snapshot>,
     writer: Mutex<()>,
+}
+
+/// A value readers share and a writer replaces whole: readers get the
+/// current one cheaply and keep it as long as they need it. A poisoned lock
+/// still holds a whole value (it is only ever replaced whole), so it is
+/// used as it is.
+struct Swappable<T>(RwLock<Arc<T>>);
+
+impl<T> Swappable<T> {
+    fn new(value: T) -> Self {
+        Self(RwLock::new(Arc::new(value)))
+    }
+
+    fn get(&self) -> Arc<T> {
+        match self.0.read() {
+            Ok(g) => Arc::clone(&g),
+            Err(poisoned) => Arc::clone(&poisoned.into_inner()),
+        }
+    }
+
+    fn set(&self, value: Arc<T>) {
+        match self.0.write() {
+            Ok(mut g) => *g = value,
+            Err(poisoned) => *poisoned.into_inner() = value,
+        }
+    }
 }
 
 /// A reference's vector while an update is worked out.
@@ -311,28 +337,22 @@ impl RefDb {
             })
         })?;
         Ok(Self {
-            store: RwLock::new(Arc::new(store)),
+            store: Swappable::new(store),
             dir: dir.to_path_buf(),
             settings,
-            current: RwLock::new(Arc::new(snapshot)),
+            current: Swappable::new(snapshot),
             writer: Mutex::new(()),
         })
     }
 
     /// The live store (briefly shared; replaced on a whole-content change).
     fn store(&self) -> Arc<Store> {
-        match self.store.read() {
-            Ok(g) => Arc::clone(&g),
-            Err(poisoned) => Arc::clone(&poisoned.into_inner()),
-        }
+        self.store.get()
     }
 
     /// The current snapshot; cheap, never blocks on a writer for long.
     pub fn snapshot(&self) -> Arc<Snapshot> {
-        match self.current.read() {
-            Ok(g) => Arc::clone(&g),
-            Err(poisoned) => Arc::clone(&poisoned.into_inner()),
-        }
+        self.current.get()
     }
 
     pub fn meta(&self) -> DbMeta {
@@ -600,10 +620,7 @@ impl RefDb {
             // next open sees a DB ahead of it, which is accepted.
             tracing::warn!("cannot update the reference DB's seal: {e}");
         }
-        match self.current.write() {
-            Ok(mut g) => *g = snapshot,
-            Err(p) => *p.into_inner() = snapshot,
-        }
+        self.current.set(snapshot);
         Ok(Ok(meta))
     }
 }
@@ -652,10 +669,7 @@ impl RefDb {
             return Err(e);
         }
         let opened = live.swap_in(&self.dir, self.settings.cache_mb)?;
-        match self.store.write() {
-            Ok(mut g) => *g = Arc::new(opened),
-            Err(p) => *p.into_inner() = Arc::new(opened),
-        }
+        self.store.set(Arc::new(opened));
         // The old DB now lives at `next`; its last handles go with `live`
         // and any reader's; removing its directory is safe meanwhile.
         store::clean_replacement(&self.dir);
