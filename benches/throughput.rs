@@ -202,6 +202,7 @@ impl Fixture {
             refdb: self.refdb.clone(),
             out: tx,
             max_packet_bytes: 16 << 20,
+            health: retail_agent::health::Health::new(std::time::Duration::from_secs(30)),
         };
         let pipeline = Pipeline::start(ctx, engine, pcfg).unwrap();
         (pipeline, rx, metrics)

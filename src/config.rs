@@ -81,6 +81,7 @@ pub struct AgentConfig {
     pub metrics: MetricsConfig,
     pub fleet_updates: FleetConfig,
     pub log: LogConfig,
+    pub supervision: SupervisionConfig,
 }
 
 impl Default for AgentConfig {
@@ -99,6 +100,7 @@ impl Default for AgentConfig {
             metrics: MetricsConfig::default(),
             fleet_updates: FleetConfig::default(),
             log: LogConfig::default(),
+            supervision: SupervisionConfig::default(),
         }
     }
 }
@@ -159,6 +161,8 @@ pub struct RuntimeConfig {
     pub execution_providers: Vec<ExecutionProviderKind>,
     /// Let TensorRT build FP16 engines.
     pub tensorrt_fp16: bool,
+    /// TensorRT's builder workspace in MiB (0: ONNX Runtime's default).
+    pub tensorrt_workspace_mb: u64,
     /// Threads ONNX Runtime uses inside one operator, the calling thread
     /// included. 0: the daemon derives it from the core count
     /// ([`crate::pipeline::budget`]); the offline commands leave ONNX
@@ -185,6 +189,7 @@ impl Default for RuntimeConfig {
                 ExecutionProviderKind::Cpu,
             ],
             tensorrt_fp16: true,
+            tensorrt_workspace_mb: 1024,
             intra_threads: 0,
             allow_spinning: None,
             io_threads: 0,
@@ -387,11 +392,44 @@ pub struct TlsConfig {
 pub struct MetricsConfig {
     /// Seconds between two Metrics messages (1 to [`MAX_METRICS_INTERVAL_S`]).
     pub interval_s: u64,
+    /// `host:port` of an optional Prometheus text endpoint (`GET /metrics`)
+    /// with the same counters and latency histograms. Unset: none.
+    pub prometheus_listen: Option<String>,
 }
 
 impl Default for MetricsConfig {
     fn default() -> Self {
-        Self { interval_s: 10 }
+        Self {
+            interval_s: 10,
+            prometheus_listen: None,
+        }
+    }
+}
+
+/// Longest `supervision.stall_timeout_s` accepted: one hour.
+pub const MAX_STALL_TIMEOUT_S: u64 = 3600;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SupervisionConfig {
+    /// Seconds a part (the inference thread, a decode worker, a bus task)
+    /// may spend on one piece of work before the agent counts it as wedged:
+    /// it then stops the systemd watchdog's pings, and exits after twice
+    /// this time (1 to [`MAX_STALL_TIMEOUT_S`]).
+    pub stall_timeout_s: u64,
+}
+
+impl Default for SupervisionConfig {
+    fn default() -> Self {
+        Self {
+            stall_timeout_s: 30,
+        }
+    }
+}
+
+impl SupervisionConfig {
+    pub fn stall_timeout(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.stall_timeout_s.clamp(1, MAX_STALL_TIMEOUT_S))
     }
 }
 
@@ -570,6 +608,19 @@ impl LoadedConfig {
         if c.metrics.interval_s > MAX_METRICS_INTERVAL_S {
             return Err(ConfigError::Invalid(format!(
                 "metrics.interval_s must be at most {MAX_METRICS_INTERVAL_S} (one day)"
+            )));
+        }
+        if let Some(listen) = &c.metrics.prometheus_listen {
+            if listen.parse::<std::net::SocketAddr>().is_err() {
+                return Err(ConfigError::Invalid(format!(
+                    "metrics.prometheus_listen must be an address and port such as \"127.0.0.1:9464\" (got {listen:?})"
+                )));
+            }
+        }
+        if c.supervision.stall_timeout_s == 0 || c.supervision.stall_timeout_s > MAX_STALL_TIMEOUT_S
+        {
+            return Err(ConfigError::Invalid(format!(
+                "supervision.stall_timeout_s must be between 1 and {MAX_STALL_TIMEOUT_S}"
             )));
         }
         if c.bus.reconnect_min_ms == 0 || c.bus.reconnect_max_ms < c.bus.reconnect_min_ms {
@@ -995,6 +1046,21 @@ mod tests {
     }
 
     #[test]
+    fn a_bad_prometheus_address_or_stall_timeout_is_rejected_naming_the_key() {
+        let err = load("[metrics]\nprometheus_listen = \"localhost\"\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("metrics.prometheus_listen"), "{err}");
+        load("[metrics]\nprometheus_listen = \"127.0.0.1:9464\"\n", &[]).unwrap();
+        for bad in [0, MAX_STALL_TIMEOUT_S + 1] {
+            let err = load(&format!("[supervision]\nstall_timeout_s = {bad}\n"), &[])
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("supervision.stall_timeout_s"), "{err}");
+        }
+    }
+
+    #[test]
     fn a_zero_port_is_rejected() {
         let err = load("[bus]\nport = 0\n", &[]).unwrap_err().to_string();
         assert!(err.contains("bus.port"), "{err}");
@@ -1023,7 +1089,11 @@ mod tests {
     #[test]
     fn the_metrics_period_is_bounded_even_without_validation() {
         for interval_s in [0, 9_223_372_036_854_775_807, u64::MAX] {
-            let period = MetricsConfig { interval_s }.period();
+            let period = MetricsConfig {
+                interval_s,
+                prometheus_listen: None,
+            }
+            .period();
             assert!(period >= std::time::Duration::from_secs(1));
             assert!(period <= std::time::Duration::from_secs(MAX_METRICS_INTERVAL_S));
             // What the metrics task does with it must not overflow.

@@ -21,13 +21,16 @@ use crate::fleet::keys::TrustedKeys;
 use crate::fleet::rules::{Identity, ModelIdentity};
 use crate::fleet::session::UpdateSession;
 use crate::fleet::UpdateReceiver;
+use crate::health::Health;
 use crate::metrics::Metrics;
 use crate::pipeline::budget::ThreadBudget;
 use crate::pipeline::{Pipeline, PipelineContext};
 use crate::protocol::{self, AgentState, ModelRef};
 use crate::recognizer::{engine_options, open_refdb_recovering, Recognizer};
 use crate::refdb::RefDb;
+use crate::supervisor::{runtime_pulse, Supervisor};
 use crate::vision::DecodeLimits;
+use crate::watchdog::{Notifier, EXTEND_BY, EXTEND_EVERY};
 
 /// Longest a graceful stop waits for in-flight work and the broker.
 pub const STOP_TIMEOUT: Duration = Duration::from_secs(20);
@@ -43,10 +46,14 @@ pub struct Agent {
     accepting: Arc<AtomicBool>,
     stopping: watch::Sender<bool>,
     connected: watch::Receiver<bool>,
+    subscribed: watch::Receiver<bool>,
+    health: Health,
     updates: UpdateSession,
     event_loop: JoinHandle<()>,
     publisher: JoinHandle<()>,
     metrics_task: JoinHandle<()>,
+    prometheus: Option<JoinHandle<()>>,
+    pulse: JoinHandle<()>,
 }
 
 impl Agent {
@@ -55,6 +62,11 @@ impl Agent {
     /// retried, not fatal).
     pub async fn start(cfg: LoadedConfig) -> anyhow::Result<Self> {
         cfg.check_environment()?;
+        // Bound first: a port in use fails the start before anything runs.
+        let prometheus_listener = match &cfg.config.metrics.prometheus_listen {
+            Some(addr) => Some(crate::prometheus::bind(addr).await?),
+            None => None,
+        };
         let cfg = Arc::new(cfg);
         let keys = TrustedKeys::parse(&cfg.config.fleet_updates.trusted_keys)
             .context("fleet_updates.trusted_keys")?;
@@ -82,6 +94,8 @@ impl Agent {
             id: engine.manifest().id().to_string(),
             fingerprint: engine.manifest().fingerprint().to_string(),
         };
+        let engine_model = model.clone();
+        let provider_name = engine.provider().name();
         info!(
             device_id = %c.device_id,
             model = %model.id,
@@ -94,6 +108,7 @@ impl Agent {
         );
         let topics = Topics::new(c);
         let metrics = Arc::new(Metrics::default());
+        let health = Health::new(c.supervision.stall_timeout());
         let (out_tx, out_rx) = mpsc::channel::<ToBus>(1024);
         let mut status = StatusSource::new(
             c.device_id.clone(),
@@ -125,6 +140,7 @@ impl Agent {
             refdb: refdb.clone(),
             out: out_tx.clone(),
             max_packet_bytes: c.bus.max_packet_bytes,
+            health: health.clone(),
         };
         let gpu = engine.provider() != ExecutionProviderKind::Cpu;
         let budget = ThreadBudget::for_this_machine(&c.runtime, &c.pipeline, gpu);
@@ -162,6 +178,7 @@ impl Agent {
             )),
             status.clone(),
             out_tx.clone(),
+            &health,
         )?;
         // Subscribed to updates before the Status says "online": an update
         // a back end sends on seeing it must reach this agent even on its
@@ -173,7 +190,28 @@ impl Agent {
         let options = bus::mqtt_options(&cfg, &status, &topics)?;
         let (client, eventloop) = rumqttc::AsyncClient::new(options, 1024);
         let (connected_tx, connected_rx) = watch::channel(false);
+        let (subscribed_tx, subscribed_rx) = watch::channel(false);
         let (stopping_tx, stopping_rx) = watch::channel(false);
+        let pulse = tokio::spawn(runtime_pulse(health.clone()));
+        let prometheus = match prometheus_listener {
+            Some(listener) => {
+                let exported = Arc::new(crate::prometheus::Exported {
+                    metrics: metrics.clone(),
+                    refdb: refdb.clone(),
+                    health: health.clone(),
+                    device_id: c.device_id.clone(),
+                    model_id: engine_model.id.clone(),
+                    fingerprint: engine_model.fingerprint.clone(),
+                    provider: provider_name.to_string(),
+                });
+                Some(tokio::spawn(crate::prometheus::serve(
+                    listener,
+                    exported,
+                    stopping_rx.clone(),
+                )))
+            }
+            None => None,
+        };
         let accepting = Arc::new(AtomicBool::new(true));
         let acks = Arc::new(bus::AckSequencer::default());
         let event_loop = tokio::spawn(
@@ -193,6 +231,8 @@ impl Agent {
                 reconnect_max: Duration::from_millis(c.bus.reconnect_max_ms),
                 max_request_bytes: c.bus.max_packet_bytes,
                 warn_duplicate: AtomicBool::new(true),
+                subscribed: subscribed_tx,
+                health: health.clone(),
             }
             .run(),
         );
@@ -205,6 +245,7 @@ impl Agent {
                 metrics: metrics.clone(),
                 acks,
                 max_packet_bytes: c.bus.max_packet_bytes,
+                health: health.clone(),
             }
             .run(),
         );
@@ -217,7 +258,9 @@ impl Agent {
                 c.bus.encoding,
             );
             let every = c.metrics.period();
+            let beat = health.register("metrics");
             tokio::spawn(async move {
+                let _beat = beat;
                 let start = tokio::time::Instant::now();
                 let first = start.checked_add(every).unwrap_or(start);
                 let mut tick = tokio::time::interval_at(first, every);
@@ -248,10 +291,14 @@ impl Agent {
             accepting,
             stopping: stopping_tx,
             connected: connected_rx,
+            subscribed: subscribed_rx,
+            health,
             updates,
             event_loop,
             publisher,
             metrics_task,
+            prometheus,
+            pulse,
         })
     }
 
@@ -279,9 +326,26 @@ impl Agent {
             .is_ok_and(|r| r.is_ok())
     }
 
+    /// Waits until the broker has acknowledged the subscriptions of both
+    /// connections (requests, and reference-DB updates): from then on the
+    /// agent receives everything addressed to it.
+    pub async fn wait_ready(&self, timeout: Duration) -> bool {
+        let mut rx = self.subscribed.clone();
+        let both = async {
+            rx.wait_for(|s| *s).await.is_ok() && self.updates.wait_subscribed(timeout).await
+        };
+        tokio::time::timeout(timeout, both).await.unwrap_or(false)
+    }
+
+    /// The liveness of the agent's threads and tasks.
+    pub fn health(&self) -> &Health {
+        &self.health
+    }
+
     /// Graceful stop: stop taking requests, finish the in-flight ones,
     /// publish them and the offline Status, disconnect, flush the DB.
     pub async fn stop(self) -> anyhow::Result<()> {
+        self.health.begin_stop();
         info!("stopping: no new requests; finishing in-flight ones");
         self.accepting.store(false, Ordering::Release);
         // The update in progress needs the inference thread: finish it first.
@@ -304,6 +368,10 @@ impl Agent {
         }
         drop(self.pipeline);
         self.metrics_task.abort();
+        self.pulse.abort();
+        if let Some(p) = &self.prometheus {
+            p.abort();
+        }
         let (done_tx, done_rx) = oneshot::channel();
         if self.out.send(ToBus::Flush(done_tx)).await.is_ok() {
             let _ = tokio::time::timeout(Duration::from_secs(5), done_rx).await;
@@ -351,11 +419,56 @@ impl Agent {
 }
 
 /// `retail-agent run`: serve until SIGTERM or SIGINT, then stop gracefully.
+///
+/// Under systemd (`Type=notify`): while the model loads (a first TensorRT
+/// engine build takes minutes) and until the broker has acknowledged the
+/// subscriptions, the start timeout is extended every [`EXTEND_EVERY`];
+/// `READY=1` follows. From then on the [`Supervisor`] pings the watchdog only
+/// while every part of the agent is healthy, and exits when one dies or
+/// stays wedged.
 pub async fn run_until_signal(cfg: LoadedConfig) -> anyhow::Result<()> {
-    let agent = Agent::start(cfg).await?;
-    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
-    wait_for_signal().await;
-    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
+    let notifier = Notifier::from_env();
+    let broker = format!("{}:{}", cfg.config.bus.host, cfg.config.bus.port);
+    let signal = wait_for_signal();
+    tokio::pin!(signal);
+    let start = Agent::start(cfg);
+    tokio::pin!(start);
+    let mut extend = tokio::time::interval(EXTEND_EVERY);
+    let agent = loop {
+        tokio::select! {
+            agent = &mut start => break agent?,
+            _ = extend.tick() => notifier.extend_start(
+                EXTEND_BY,
+                "loading the model and the reference DB (a first TensorRT engine build takes minutes)",
+            ),
+            _ = &mut signal => {
+                notifier.stopping();
+                info!("stopped while loading");
+                return Ok(());
+            }
+        }
+    };
+    let waiting = format!("waiting for the broker at {broker} to acknowledge the subscriptions");
+    loop {
+        notifier.extend_start(EXTEND_BY, &waiting);
+        tokio::select! {
+            ready = agent.wait_ready(EXTEND_EVERY) => if ready { break },
+            _ = &mut signal => {
+                notifier.stopping();
+                return agent.stop().await;
+            }
+        }
+    }
+    notifier.ready("serving");
+    info!(
+        watchdog_s = notifier.watchdog_timeout().map(|t| t.as_secs_f64()),
+        "ready"
+    );
+    let supervisor = Supervisor::spawn(agent.health().clone(), notifier.clone())
+        .context("starting the supervision thread")?;
+    signal.await;
+    supervisor.stop();
+    notifier.stopping();
     agent.stop().await
 }
 

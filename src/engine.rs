@@ -194,8 +194,13 @@ pub fn loaded_library() -> Option<&'static Path> {
 #[derive(Debug, Clone)]
 pub struct EngineOptions {
     pub runtime: RuntimeConfig,
-    /// Where TensorRT keeps built engines and its timing cache.
+    /// Where TensorRT keeps built engines and its timing cache (one
+    /// subdirectory per model, TensorRT version and GPU:
+    /// [`crate::engine_cache`]).
     pub engine_cache_dir: PathBuf,
+    /// Largest batch the pipeline runs: TensorRT's optimisation profile is
+    /// built for 1 to this (held within the manifest's `max_batch`).
+    pub max_batch: usize,
 }
 
 /// Results of one batch, reused between runs to avoid allocation.
@@ -438,7 +443,21 @@ fn open_session(
     }
     let dispatch = match kind {
         ExecutionProviderKind::Tensorrt => {
-            let cache = options.engine_cache_dir.join(manifest.fingerprint());
+            let cache = crate::engine_cache::directory(
+                &options.engine_cache_dir,
+                manifest.fingerprint(),
+                rt.device_index,
+            );
+            let fresh = std::fs::read_dir(&cache).map_or(true, |mut d| d.next().is_none());
+            tracing::info!(
+                cache = %cache.display(),
+                "TensorRT engine cache{}",
+                if fresh {
+                    ": empty, so TensorRT builds the engine now (minutes on a Jetson; cached for later starts)"
+                } else {
+                    ""
+                }
+            );
             if let Err(e) = std::fs::create_dir_all(&cache) {
                 return Err(OpenError::Provider(format!(
                     "cannot create the engine cache directory {}: {e}",
@@ -447,16 +466,23 @@ fn open_session(
             }
             let cache = cache.display().to_string();
             let shape = |b: usize| format!("{}:{b}x3x{}x{}", input.name, input.height, input.width);
-            ep::TensorRT::default()
-                .with_device_id(rt.device_index)
+            let batch = options.max_batch.clamp(1, manifest.file.max_batch.max(1));
+            let mut trt = ep::TensorRT::default();
+            if rt.tensorrt_workspace_mb > 0 {
+                trt = trt.with_max_workspace_size(
+                    usize::try_from(rt.tensorrt_workspace_mb.saturating_mul(1 << 20))
+                        .unwrap_or(usize::MAX),
+                );
+            }
+            trt.with_device_id(rt.device_index)
                 .with_fp16(rt.tensorrt_fp16)
                 .with_engine_cache(true)
                 .with_engine_cache_path(&cache)
                 .with_timing_cache(true)
                 .with_timing_cache_path(&cache)
                 .with_profile_min_shapes(shape(1))
-                .with_profile_opt_shapes(shape(manifest.file.max_batch))
-                .with_profile_max_shapes(shape(manifest.file.max_batch))
+                .with_profile_opt_shapes(shape(batch))
+                .with_profile_max_shapes(shape(batch))
                 .build()
         }
         ExecutionProviderKind::Cuda => ep::CUDA::default().with_device_id(rt.device_index).build(),

@@ -3,7 +3,9 @@
 //!
 //! Stages record into HDR histograms behind one short-lived lock; counters
 //! are atomics. [`Metrics::take_interval`] returns the interval's figures and
-//! starts a new interval. Publishing them is the bus's job.
+//! starts a new interval. Each stage also keeps lifetime bucket counts
+//! ([`StageBuckets`]) for cumulative exports (Prometheus). Publishing them
+//! is the bus's job, and [`crate::prometheus`]'s.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
@@ -67,6 +69,81 @@ fn percentiles(h: &Histogram<u64>) -> Percentiles {
     }
 }
 
+/// Upper bounds, in µs, of the lifetime latency buckets (an implicit
+/// last bucket holds everything above).
+pub const BUCKET_BOUNDS_US: [u64; 14] = [
+    500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000, 1_000_000,
+    2_500_000, 5_000_000, 10_000_000,
+];
+
+/// Lifetime latency counts of one stage in fixed buckets.
+#[derive(Default)]
+struct LifetimeBuckets {
+    counts: [AtomicU64; BUCKET_BOUNDS_US.len() + 1],
+    sum_us: AtomicU64,
+}
+
+impl LifetimeBuckets {
+    fn record(&self, us: u64) {
+        let i = BUCKET_BOUNDS_US.partition_point(|&b| b < us);
+        self.counts[i].fetch_add(1, Ordering::Relaxed);
+        self.sum_us.fetch_add(us, Ordering::Relaxed);
+    }
+
+    fn read(&self) -> StageBuckets {
+        let mut counts = [0u64; BUCKET_BOUNDS_US.len() + 1];
+        for (c, a) in counts.iter_mut().zip(&self.counts) {
+            *c = a.load(Ordering::Relaxed);
+        }
+        StageBuckets {
+            counts,
+            sum_us: self.sum_us.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// A stage's lifetime latency counts: `counts[i]` samples fell at or
+/// below `BUCKET_BOUNDS_US[i]` and above the bound before; the last entry
+/// counts those above every bound.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StageBuckets {
+    pub counts: [u64; BUCKET_BOUNDS_US.len() + 1],
+    pub sum_us: u64,
+}
+
+impl StageBuckets {
+    pub fn count(&self) -> u64 {
+        self.counts.iter().sum()
+    }
+}
+
+/// Every stage, in the order of [`Stage::ALL`].
+pub const STAGE_COUNT: usize = 5;
+
+impl Stage {
+    pub const ALL: [Stage; STAGE_COUNT] = [
+        Stage::Queue,
+        Stage::Decode,
+        Stage::Infer,
+        Stage::Search,
+        Stage::Total,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Stage::Queue => "queue",
+            Stage::Decode => "decode",
+            Stage::Infer => "infer",
+            Stage::Search => "search",
+            Stage::Total => "total",
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
 /// Counters of one interval.
 #[derive(Default)]
 struct Counters {
@@ -82,6 +159,7 @@ pub struct Metrics {
     interval: Counters,
     totals: Counters,
     histograms: Mutex<Histograms>,
+    lifetime: [LifetimeBuckets; STAGE_COUNT],
     interval_start: Mutex<Instant>,
     queue_depth: AtomicU64,
 }
@@ -92,6 +170,7 @@ impl Default for Metrics {
             interval: Counters::default(),
             totals: Counters::default(),
             histograms: Mutex::new(Histograms::new()),
+            lifetime: Default::default(),
             interval_start: Mutex::new(Instant::now()),
             queue_depth: AtomicU64::new(0),
         }
@@ -141,7 +220,17 @@ impl Metrics {
         for (stage, d) in samples {
             let us = (d.as_micros() as u64).clamp(1, 3_600_000_000);
             let _ = h.get(*stage).record(us);
+            self.lifetime[stage.index()].record(us);
         }
+    }
+
+    /// Lifetime latency counts of `stage`.
+    pub fn lifetime(&self, stage: Stage) -> StageBuckets {
+        self.lifetime[stage.index()].read()
+    }
+
+    pub fn queue_depth(&self) -> u64 {
+        self.queue_depth.load(Ordering::Relaxed)
     }
 
     pub fn totals(&self) -> Totals {
@@ -237,5 +326,22 @@ mod tests {
         assert_eq!(second.requests, 0);
         assert_eq!(second.latency_us.total, Percentiles::default());
         assert_eq!(m.totals().crops, 5);
+    }
+
+    #[test]
+    fn lifetime_buckets_survive_intervals_and_put_each_sample_under_its_bound() {
+        let m = Metrics::default();
+        for us in [1u64, 500, 501, 10_000_000, 10_000_001] {
+            m.record(&[(Stage::Infer, Duration::from_micros(us))]);
+        }
+        let _ = m.take_interval("dev");
+        let b = m.lifetime(Stage::Infer);
+        assert_eq!(b.count(), 5);
+        assert_eq!(b.counts[0], 2, "1 and 500 µs are <= 500 µs");
+        assert_eq!(b.counts[1], 1, "501 µs is in (500, 1000]");
+        assert_eq!(b.counts[BUCKET_BOUNDS_US.len() - 1], 1);
+        assert_eq!(b.counts[BUCKET_BOUNDS_US.len()], 1, "above every bound");
+        assert_eq!(b.sum_us, 1 + 500 + 501 + 10_000_000 + 10_000_001);
+        assert_eq!(m.lifetime(Stage::Total).count(), 0);
     }
 }

@@ -66,6 +66,7 @@ pub fn engine_options(cfg: &LoadedConfig) -> EngineOptions {
     EngineOptions {
         runtime,
         engine_cache_dir: cfg.engine_cache_dir(),
+        max_batch: cfg.config.pipeline.max_batch,
     }
 }
 

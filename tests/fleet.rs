@@ -1050,3 +1050,257 @@ fn with_on_corrupt_fail_a_corrupt_db_stops_the_agent_with_one_clear_line() {
         "db stats refuses the damaged DB too"
     );
 }
+
+/// A small ext4 file system on a loop device mounted at `dir` with
+/// `errors=remount-ro`, as a device's data partition would be (needs root,
+/// as CI has); unmounted on drop.
+struct SmallDisk {
+    dir: std::path::PathBuf,
+    image: std::path::PathBuf,
+    _images: tempfile::TempDir,
+}
+
+fn run(cmd: &str, args: &[&str]) {
+    let out = std::process::Command::new(cmd).args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{cmd} {args:?} (needs root): {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+impl SmallDisk {
+    fn mount(dir: &std::path::Path, mb: u64) -> Self {
+        let images = tempfile::tempdir().unwrap();
+        let image = images.path().join("state.ext4");
+        std::fs::File::create(&image)
+            .unwrap()
+            .set_len(mb << 20)
+            .unwrap();
+        run("mkfs.ext4", &["-q", "-F", image.to_str().unwrap()]);
+        std::fs::create_dir_all(dir).unwrap();
+        let disk = Self {
+            dir: dir.to_path_buf(),
+            image,
+            _images: images,
+        };
+        disk.attach();
+        disk
+    }
+
+    fn attach(&self) {
+        run(
+            "mount",
+            &[
+                "-o",
+                "loop,errors=remount-ro",
+                self.image.to_str().unwrap(),
+                self.dir.to_str().unwrap(),
+            ],
+        );
+    }
+
+    /// An I/O error as the kernel would see one: ext4 turns itself
+    /// read-only under the running agent.
+    fn fail(&self) {
+        let out = std::process::Command::new("findmnt")
+            .args(["-n", "-o", "SOURCE"])
+            .arg(&self.dir)
+            .output()
+            .unwrap();
+        let source = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        let name = source.rsplit('/').next().unwrap().to_string();
+        std::fs::write(format!("/sys/fs/ext4/{name}/trigger_fs_error"), "1")
+            .expect("trigger an ext4 error");
+    }
+
+    /// Unmounts, repairs (fsck) and mounts again, as a reboot would.
+    fn repair(&self) {
+        run("umount", &[self.dir.to_str().unwrap()]);
+        let _ = std::process::Command::new("e2fsck")
+            .args(["-f", "-y"])
+            .arg(&self.image)
+            .output();
+        self.attach();
+    }
+
+    /// Fills the file system up to the last byte; returns the filler.
+    fn fill(&self) -> std::path::PathBuf {
+        use std::io::Write;
+        let path = self.dir.join("filler");
+        let mut f = std::fs::File::create(&path).unwrap();
+        let chunk = vec![0u8; 1 << 20];
+        while f.write_all(&chunk).is_ok() {}
+        let small = [0u8; 4096];
+        while f.write_all(&small[..]).is_ok() {}
+        path
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.dir)
+            .status();
+    }
+}
+
+#[test]
+fn a_full_or_read_only_state_dir_refuses_an_update_and_the_last_good_db_keeps_serving() {
+    let broker = Mosquitto::start("");
+    let key = FleetKey::generate();
+    let dev = "dev-disk";
+    let home = device_home(dev, FLEET, broker.port, &[("k1", &key)], "");
+    let disk = SmallDisk::mount(&home.path().join("state"), 64);
+    let agent = AgentProcess::start(&home);
+    let images = reference_images();
+    let queries = common::queries();
+    let outcome = rt().block_on(async {
+        let ack_topic = format!("ror/{dev}/refdb/ack");
+        let results = format!("ror/{dev}/results");
+        let mut c = TestClient::connect(
+            broker.port,
+            "fleet-disk",
+            &[&format!("ror/{dev}/status"), &ack_topic, &results],
+        )
+        .await;
+        wait_online(&mut c, dev, Duration::from_secs(30)).await;
+        let publisher = c.client.clone();
+        let send = |u: &Update| {
+            let payload = u.signed(&key, "k1");
+            let client = publisher.clone();
+            let topic = format!("ror/fleet/{FLEET}/refdb");
+            async move {
+                client
+                    .publish(topic, rumqttc::QoS::AtLeastOnce, false, payload)
+                    .await
+                    .unwrap()
+            }
+        };
+        let batch = |from: usize, n: usize, content: &mut Content| {
+            (from..from + n)
+                .map(|i| {
+                    let (label, _, bytes) = &images[i % images.len()];
+                    let id = format!("r{i}");
+                    content.image(&id, label, bytes);
+                    upsert_image(&id, label, bytes)
+                })
+                .collect::<Vec<_>>()
+        };
+        let mut served = 0;
+        let mut ask = || {
+            served += 1;
+            let id = format!("q{served}");
+            let req = common::msgpack_request(&id, &[&queries[served % queries.len()].1]);
+            let client = publisher.clone();
+            let topic = format!("ror/{dev}/crops");
+            async move {
+                client
+                    .publish(topic, rumqttc::QoS::AtLeastOnce, false, req)
+                    .await
+                    .unwrap();
+                id
+            }
+        };
+
+        let mut v1 = Content::default();
+        let u1 = Update::new("u1", FLEET, Some(0), 1, batch(0, 20, &mut v1));
+        send(&u1).await;
+        let ack = next_ack(&mut c, dev, Duration::from_secs(60))
+            .await
+            .expect("ack u1");
+        assert_ack(&ack, Some("u1"), "applied", 1, &v1, "u1");
+
+        // A full disk: refused before anything is written, with a reason.
+        let filler = disk.fill();
+        let mut v2 = v1.clone();
+        let u2 = Update::new("u2", FLEET, Some(1), 2, batch(20, 20, &mut v2));
+        send(&u2).await;
+        let ack = next_ack(&mut c, dev, Duration::from_secs(60))
+            .await
+            .expect("ack u2");
+        assert_ack(&ack, Some("u2"), "rejected", 1, &v1, "u2 on a full disk");
+        assert!(
+            ack["reason"].as_str().unwrap().contains("free space"),
+            "{ack}"
+        );
+        // The last good DB keeps serving.
+        let id = ask().await;
+        let r = to_json(
+            &c.next_on(&results, Duration::from_secs(20))
+                .await
+                .expect("result"),
+        );
+        assert_eq!(
+            (r["request_id"].as_str(), r["refdb_version"].as_u64()),
+            (Some(id.as_str()), Some(1)),
+            "{r}"
+        );
+        assert!(r["items"][0]["error"].is_null(), "{r}");
+
+        // Space again: the same update applies (a rejected id is not burnt).
+        std::fs::remove_file(&filler).unwrap();
+        send(&u2).await;
+        let ack = next_ack(&mut c, dev, Duration::from_secs(60))
+            .await
+            .expect("ack u2 again");
+        assert_ack(&ack, Some("u2"), "applied", 2, &v2, "u2 with space");
+
+        // The file system turns read-only under the agent (an I/O
+        // error): refused cleanly, and the last good DB keeps serving.
+        disk.fail();
+        let mut v3 = v2.clone();
+        let u3 = Update::new("u3", FLEET, Some(2), 3, batch(40, 10, &mut v3));
+        send(&u3).await;
+        let ack = next_ack(&mut c, dev, Duration::from_secs(60))
+            .await
+            .expect("ack u3");
+        assert_ack(&ack, Some("u3"), "rejected", 2, &v2, "u3 read-only");
+        assert!(
+            ack["reason"].as_str().unwrap().contains("Read-only"),
+            "{ack}"
+        );
+        let id = ask().await;
+        let r = to_json(
+            &c.next_on(&results, Duration::from_secs(20))
+                .await
+                .expect("result"),
+        );
+        assert_eq!(
+            (r["request_id"].as_str(), r["refdb_version"].as_u64()),
+            (Some(id.as_str()), Some(2)),
+            "{r}"
+        );
+        assert!(r["items"][0]["error"].is_null(), "{r}");
+        (publisher, u3, v3)
+    });
+    let (publisher, u3, v3) = outcome;
+    // A reboot: the file system is repaired, the DB holds the last good
+    // content, and the refused update applies.
+    drop(agent);
+    disk.repair();
+    assert_eq!(db_stats(&home)["version"], 2);
+    let _agent = AgentProcess::start(&home);
+    rt().block_on(async {
+        let ack_topic = format!("ror/{dev}/refdb/ack");
+        let mut c = TestClient::connect(
+            broker.port,
+            "fleet-disk-2",
+            &[&format!("ror/{dev}/status"), &ack_topic],
+        )
+        .await;
+        wait_online(&mut c, dev, Duration::from_secs(30)).await;
+        drop(publisher);
+        c.publish(
+            &format!("ror/fleet/{FLEET}/refdb"),
+            1,
+            u3.signed(&key, "k1"),
+        )
+        .await;
+        let ack = next_ack(&mut c, dev, Duration::from_secs(60))
+            .await
+            .expect("ack u3 again");
+        assert_ack(&ack, Some("u3"), "applied", 3, &v3, "u3 after the repair");
+    });
+}

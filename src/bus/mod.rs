@@ -215,6 +215,11 @@ pub struct EventLoopTask {
     /// Set on each connection; cleared once the "duplicate device_id"
     /// error has been logged for it.
     pub warn_duplicate: AtomicBool,
+    /// True while the broker has acknowledged this connection's
+    /// subscriptions (the daemon says READY only then).
+    pub subscribed: watch::Sender<bool>,
+    /// Where the task registers its heartbeat.
+    pub health: crate::health::Health,
 }
 
 /// A connection up this long counts as healthy: the reconnection backoff
@@ -288,12 +293,15 @@ impl EventLoopTask {
         // on our own status topic), and DISCONNECT has been requested.
         let mut offline_echoed = false;
         let mut disconnecting = false;
+        let beat = self.health.register("bus-events");
         loop {
             if self.requests.saturated() {
                 let limit = self.eventloop.mqtt_options.keep_alive() / 2;
                 hold_back_while_saturated(&*self.requests, &self.stopping, limit).await;
             }
-            match self.eventloop.poll().await {
+            let event = self.eventloop.poll().await;
+            let busy = beat.busy();
+            match event {
                 Ok(Event::Incoming(Packet::ConnAck(ack))) => {
                     connected_at = Some(Instant::now());
                     self.warn_duplicate.store(true, Ordering::Relaxed);
@@ -318,7 +326,23 @@ impl EventLoopTask {
                     let own_offline = self.on_publish(p);
                     offline_echoed |= own_offline && *self.stopping.borrow();
                 }
+                Ok(Event::Incoming(Packet::SubAck(ack))) => {
+                    let refused = ack
+                        .return_codes
+                        .iter()
+                        .filter(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure))
+                        .count();
+                    if refused > 0 {
+                        tracing::error!(
+                            refused,
+                            "the broker refused {refused} of this agent's subscriptions: check that its ACL lets this client read {} (and the pool topic, if any)",
+                            self.topics.crops
+                        );
+                    }
+                    let _ = self.subscribed.send(refused == 0);
+                }
                 Ok(Event::Outgoing(Outgoing::Disconnect)) => {
+                    let _ = self.subscribed.send(false);
                     let _ = self.connected.send(false);
                     if *self.stopping.borrow() {
                         break;
@@ -326,6 +350,8 @@ impl EventLoopTask {
                 }
                 Ok(_) => {}
                 Err(e) => {
+                    drop(busy);
+                    let _ = self.subscribed.send(false);
                     let _ = self.connected.send(false);
                     self.acks.reset();
                     if *self.stopping.borrow() {
@@ -407,6 +433,10 @@ impl EventLoopTask {
             if !self.accepting.load(Ordering::Acquire) {
                 // Shutting down: leave it unacknowledged for redelivery.
                 return false;
+            }
+            if crate::fault::ENABLED {
+                let id = crate::protocol::peek_request_id(&p.payload).unwrap_or_default();
+                crate::fault::inject(crate::fault::Site::Bus, crate::fault::Scope::Guarded, &id);
             }
             let ack = (p.qos != QoS::AtMostOnce).then(|| self.acks.register(p.pkid, p.qos as u8));
             let size = p.payload.len();
@@ -507,11 +537,14 @@ pub struct PublisherTask {
     /// `bus.max_packet_bytes`: a larger message is never handed to rumqttc
     /// (it would drop the connection, and re-send it after reconnecting).
     pub max_packet_bytes: usize,
+    /// Where the task registers its heartbeat.
+    pub health: crate::health::Health,
 }
 
 impl PublisherTask {
     pub async fn run(mut self) {
         let mut outbox: VecDeque<Outbound> = VecDeque::new();
+        let beat = self.health.register("bus-publisher");
         loop {
             tokio::select! {
                 biased;
@@ -526,6 +559,7 @@ impl PublisherTask {
                 cmd = self.rx.recv() => match cmd {
                     None => break,
                     Some(ToBus::Send(m)) => {
+                        let _busy = beat.busy();
                         if *self.connected.borrow() && outbox.is_empty() {
                             self.send(m).await;
                         } else if m.qos > 0 {

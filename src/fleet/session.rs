@@ -20,6 +20,7 @@ use tracing::{debug, info, warn};
 
 use crate::bus::{Outbound, StatusSource, ToBus, Topics};
 use crate::config::{Encoding, LoadedConfig};
+use crate::health::{Health, Heartbeat};
 use crate::protocol::{self, AgentState};
 
 use super::receiver::{Outcome, UpdateReceiver};
@@ -44,6 +45,7 @@ struct Worker {
     encoding: Encoding,
     generation: Arc<AtomicU64>,
     stopping: watch::Receiver<bool>,
+    _beat: Heartbeat,
 }
 
 impl UpdateSession {
@@ -55,6 +57,7 @@ impl UpdateSession {
         receiver: Arc<UpdateReceiver>,
         status: Arc<StatusSource>,
         out: mpsc::Sender<ToBus>,
+        health: &Health,
     ) -> anyhow::Result<Self> {
         let options =
             crate::bus::connection_options(cfg, format!("{}-refdb", crate::bus::client_id(cfg)))?;
@@ -79,6 +82,7 @@ impl UpdateSession {
                 stopping: stopping_rx.clone(),
                 reconnect_min: Duration::from_millis(c.reconnect_min_ms),
                 reconnect_max: Duration::from_millis(c.reconnect_max_ms),
+                beat: health.register("fleet-events"),
             }
             .run(),
         );
@@ -93,6 +97,9 @@ impl UpdateSession {
                 encoding: c.encoding,
                 generation,
                 stopping: stopping_rx,
+                // Alive, never "busy": applying an update may rightly take
+                // minutes (it embeds every new image).
+                _beat: health.register("fleet-worker"),
             }
             .run(rx),
         );
@@ -150,6 +157,7 @@ struct Connection {
     stopping: watch::Receiver<bool>,
     reconnect_min: Duration,
     reconnect_max: Duration,
+    beat: Heartbeat,
 }
 
 impl Connection {
@@ -158,14 +166,16 @@ impl Connection {
         network.set_tcp_nodelay(true);
         network.set_connection_timeout(10);
         self.eventloop.set_network_options(network);
-        let mut backoff = self.reconnect_min;
+        let mut backoff = crate::bus::Backoff::new(self.reconnect_min, self.reconnect_max);
         // Polled until the DISCONNECT that `stop` queues has gone out, so
         // the worker's last ack and PUBACK are written first.
         loop {
-            match self.eventloop.poll().await {
+            let event = self.eventloop.poll().await;
+            let busy = self.beat.busy();
+            match event {
                 Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => break,
                 Ok(Event::Incoming(Packet::ConnAck(ack))) => {
-                    backoff = self.reconnect_min;
+                    backoff.reset();
                     self.generation.fetch_add(1, Ordering::AcqRel);
                     info!(
                         session_present = ack.session_present,
@@ -175,8 +185,22 @@ impl Connection {
                         warn!("cannot queue the update subscriptions: {e}");
                     }
                 }
-                Ok(Event::Incoming(Packet::SubAck(_))) => {
-                    let _ = self.subscribed.send(true);
+                Ok(Event::Incoming(Packet::SubAck(ack))) => {
+                    let refused = ack
+                        .return_codes
+                        .iter()
+                        .any(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure));
+                    if refused {
+                        tracing::error!(
+                            "the broker refused the reference-DB update subscriptions: check that its ACL lets this client read {}",
+                            self.subscriptions
+                                .iter()
+                                .map(|s| s.path.as_str())
+                                .collect::<Vec<_>>()
+                                .join(" and ")
+                        );
+                    }
+                    let _ = self.subscribed.send(!refused);
                 }
                 Ok(Event::Incoming(Packet::Publish(p))) => {
                     if *self.stopping.borrow() {
@@ -189,16 +213,17 @@ impl Connection {
                 }
                 Ok(_) => {}
                 Err(e) => {
+                    drop(busy);
                     let _ = self.subscribed.send(false);
                     if *self.stopping.borrow() {
                         break;
                     }
+                    let wait = backoff.next_delay();
                     warn!(
-                        retry_in_ms = backoff.as_millis() as u64,
+                        retry_in_ms = wait.as_millis() as u64,
                         "update session: broker connection failed: {e}"
                     );
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(self.reconnect_max);
+                    tokio::time::sleep(wait).await;
                 }
             }
         }

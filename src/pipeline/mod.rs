@@ -20,6 +20,7 @@ pub mod request;
 
 use crossbeam_channel::{self as channel, Receiver, Select, Sender, TryRecvError};
 use handoff::{HandoffReceiver, HandoffSender};
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -30,6 +31,8 @@ use tracing::{debug, warn};
 use crate::bus::{AckToken, Incoming, Outbound, RequestSink, ToBus};
 use crate::config::{Encoding, ExecutionProviderKind, PipelineConfig, RuntimeConfig};
 use crate::engine::{Engine, EngineOutput};
+use crate::fault::{self, Scope, Site};
+use crate::health::{Health, Heartbeat};
 use crate::metrics::{Metrics, Stage};
 use crate::protocol::{
     self, CandidateOut, ClassifierOut, CropRequest, CropSource, ErrorReport, Item, ItemDecision,
@@ -65,6 +68,8 @@ pub struct PipelineContext {
     /// `bus.max_packet_bytes`: a result that would not fit becomes an
     /// ErrorReport.
     pub max_packet_bytes: usize,
+    /// Where the pipeline's threads register their heartbeats.
+    pub health: Health,
 }
 
 impl PipelineContext {
@@ -230,8 +235,9 @@ const DROP_REASON: &str =
 /// Reports each dropped or refused message on the errors topic (reading
 /// its request_id means parsing, kept off the bus's reactor thread) and
 /// releases its acknowledgement.
-fn drop_reporter(ctx: &PipelineContext, reports: &ReportQueue) {
+fn drop_reporter(ctx: &PipelineContext, beat: &Heartbeat, reports: &ReportQueue) {
     while let Some(report) = reports.pop() {
+        let _busy = beat.busy();
         match report {
             Report::One(r) => {
                 let request_id = protocol::peek_request_id(&r.prefix);
@@ -297,27 +303,32 @@ impl Pipeline {
                 pool.clone(),
                 geometry.clone(),
             );
+            let beat = ctx.health.register(format!("decode-{i}"));
             threads.push(
                 std::thread::Builder::new()
                     .name(format!("decode-{i}"))
-                    .spawn(move || decode_worker(&ctx, &queue, &tx, &pool, geometry))?,
+                    .spawn(move || decode_worker(&ctx, &beat, &queue, &tx, &pool, geometry))?,
             );
         }
         drop(tx);
         let reports = Arc::new(ReportQueue::default());
         let (reporter_ctx, reporter_queue) = (ctx.clone(), reports.clone());
+        let beat = ctx.health.register("drop-reporter");
         threads.push(
             std::thread::Builder::new()
                 .name("drop-reporter".into())
-                .spawn(move || drop_reporter(&reporter_ctx, &reporter_queue))?,
+                .spawn(move || drop_reporter(&reporter_ctx, &beat, &reporter_queue))?,
         );
         // pipeline.max_delay_ms: the batcher's linger (0: none).
         let linger = Duration::from_millis(cfg.max_delay_ms);
         let (ctx2, pool2) = (ctx.clone(), pool.clone());
+        let beat = ctx.health.register("inference");
         threads.push(
             std::thread::Builder::new()
                 .name("inference".into())
-                .spawn(move || infer_loop(&ctx2, rx, jobs_rx, engine, &pool2, max_batch, linger))?,
+                .spawn(move || {
+                    infer_loop(&ctx2, &beat, rx, jobs_rx, engine, &pool2, max_batch, linger)
+                })?,
         );
         Ok(Self {
             queue,
@@ -367,6 +378,7 @@ impl Pipeline {
     /// acknowledged, so a QoS 1 sender's broker delivers them again).
     /// Blocks until the threads have exited.
     pub fn shutdown(&self) -> Vec<Incoming> {
+        self.ctx.health.begin_stop();
         let left = self.queue.close();
         drop(self.jobs.lock().unwrap_or_else(|p| p.into_inner()).take());
         self.reports.close();
@@ -380,15 +392,50 @@ impl Pipeline {
 
 fn decode_worker(
     ctx: &PipelineContext,
+    beat: &Heartbeat,
     queue: &IngestQueue<Incoming>,
     tx: &HandoffSender<Prepared>,
     pool: &BufferPool,
     geometry: InputGeometry,
 ) {
-    let mut pre = Preprocessor::new(geometry);
+    let mut pre = Preprocessor::new(geometry.clone());
     while let Some(msg) = queue.pop() {
+        let _busy = beat.busy();
         ctx.metrics.set_queue_depth(queue.len());
-        handle_message(ctx, &mut pre, pool, tx, msg);
+        if fault::ENABLED {
+            let id = protocol::peek_request_id(&msg.payload).unwrap_or_default();
+            fault::inject(Site::Decode, Scope::Unguarded, &id);
+        }
+        // A bug that panics on one message fails that message, not the
+        // worker: it is reported (and acknowledged) like any bad input.
+        let (payload, ack) = (msg.payload.clone(), msg.ack);
+        let handled = catch_unwind(AssertUnwindSafe(|| {
+            handle_message(ctx, &mut pre, pool, tx, msg);
+        }));
+        if let Err(panic) = handled {
+            pre = Preprocessor::new(geometry.clone());
+            let id = protocol::peek_request_id(&payload);
+            ctx.reject(
+                &payload,
+                ack,
+                id,
+                format!(
+                    "internal error while handling this request ({}); it was not processed. This is a bug: please report it with the request",
+                    panic_text(&panic)
+                ),
+            );
+        }
+    }
+}
+
+/// The message of a caught panic.
+fn panic_text(panic: &Box<dyn std::any::Any + Send>) -> String {
+    if let Some(s) = panic.downcast_ref::<&str>() {
+        (*s).to_string()
+    } else if let Some(s) = panic.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "panic".to_string()
     }
 }
 
@@ -416,6 +463,7 @@ fn handle_message(
             .then(|| req.request_id.clone());
         return ctx.reject(&msg.payload, msg.ack, id, e.to_string());
     }
+    fault::inject(Site::Decode, Scope::Guarded, &req.request_id);
     let n = req.crops.len();
     ctx.metrics.add_requests(1);
     ctx.metrics.add_crops(n as u64);
@@ -554,7 +602,8 @@ fn wait(
     }
 }
 
-/// Runs an embedding job (at most `max_batch` images) and answers it.
+/// Runs an embedding job (at most `max_batch` images) and answers it; a
+/// panic fails the job, not the thread.
 fn run_embed_job(
     job: EmbedJob,
     engine: &mut Engine,
@@ -563,25 +612,36 @@ fn run_embed_job(
     out: &mut EngineOutput,
     max_batch: usize,
 ) {
-    let per_image = engine.image_len();
-    let dim = engine.dim();
-    let n = job.rgb.len().min(max_batch);
-    for (rgb, slot) in job.rgb.iter().zip(tensor.chunks_exact_mut(per_image)) {
-        normalizer.apply(rgb, slot);
-    }
-    let run = engine
-        .run(&tensor[..n * per_image], n, out)
-        .map(|()| out.embeddings[..n * dim].to_vec())
-        .map_err(|e| e.to_string());
-    let _ = job.reply.send(run);
+    let reply = job.reply.clone();
+    let ran = catch_unwind(AssertUnwindSafe(|| {
+        let per_image = engine.image_len();
+        let dim = engine.dim();
+        let n = job.rgb.len().min(max_batch);
+        for (rgb, slot) in job.rgb.iter().zip(tensor.chunks_exact_mut(per_image)) {
+            normalizer.apply(rgb, slot);
+        }
+        engine
+            .run(&tensor[..n * per_image], n, out)
+            .map(|()| out.embeddings[..n * dim].to_vec())
+            .map_err(|e| e.to_string())
+    }));
+    let run = ran.unwrap_or_else(|panic| {
+        Err(format!(
+            "internal error while embedding ({}); this is a bug: please report it",
+            panic_text(&panic)
+        ))
+    });
+    let _ = reply.send(run);
 }
 
 /// The inference thread: feeds the [`Batcher`] with the decode workers'
 /// units, runs each batch it releases, and embedding jobs when no batch is
 /// due (so at most one update batch runs ahead of waiting crops). Returns
 /// once the decode workers are gone and every crop is answered.
+#[allow(clippy::too_many_arguments)]
 fn infer_loop(
     ctx: &PipelineContext,
+    beat: &Heartbeat,
     rx: HandoffReceiver<Prepared>,
     jobs: Receiver<EmbedJob>,
     mut engine: Engine,
@@ -591,9 +651,6 @@ fn infer_loop(
 ) {
     let normalizer = Normalizer::new(&engine.manifest().file.preprocess);
     let per_image = engine.image_len();
-    let dim = engine.dim();
-    let classes = engine.classes();
-    let labels = engine.manifest().classifier_labels.clone();
     let mut tensor = vec![0f32; max_batch * per_image];
     let mut out = EngineOutput::default();
     let mut batch: Vec<Prepared> = Vec::with_capacity(max_batch);
@@ -617,6 +674,7 @@ fn infer_loop(
             if jobs_open {
                 match jobs.try_recv() {
                     Ok(job) => {
+                        let _busy = beat.busy();
                         run_embed_job(
                             job,
                             &mut engine,
@@ -636,14 +694,17 @@ fn infer_loop(
             }
             match wait(&rx, jobs_open.then_some(&jobs), batcher.deadline()) {
                 Wake::Unit(unit) => batcher.push(unit, Instant::now()),
-                Wake::Embed(job) => run_embed_job(
-                    job,
-                    &mut engine,
-                    &normalizer,
-                    &mut tensor,
-                    &mut out,
-                    max_batch,
-                ),
+                Wake::Embed(job) => {
+                    let _busy = beat.busy();
+                    run_embed_job(
+                        job,
+                        &mut engine,
+                        &normalizer,
+                        &mut tensor,
+                        &mut out,
+                        max_batch,
+                    )
+                }
                 Wake::CropsClosed => {
                     crops_open = false;
                     batcher.close();
@@ -653,69 +714,125 @@ fn infer_loop(
             }
             continue;
         }
-        let n = batch.len();
-        for (p, slot) in batch.iter().zip(tensor.chunks_exact_mut(per_image)) {
-            normalizer.apply(&p.rgb, slot);
-        }
-        let started = Instant::now();
-        let run = engine.run(&tensor[..n * per_image], n, &mut out);
-        let infer = started.elapsed();
-        ctx.metrics.add_batch(n);
-        let snapshot = ctx.refdb.snapshot();
-        for (i, p) in batch.drain(..).enumerate() {
-            pool.put(p.rgb);
-            p.request.rode_batch(n, infer);
-            let item = match &run {
-                Err(e) => {
-                    ctx.metrics.add_errors(1);
-                    Item::error(p.id, format!("inference failed: {e}"))
-                }
-                Ok(()) => {
-                    let t = Instant::now();
-                    let emb = &out.embeddings[i * dim..(i + 1) * dim];
-                    let r = p.request.pin_snapshot(&snapshot).index.search(
-                        emb,
-                        p.request.top_k,
-                        ctx.unknown_threshold,
-                    );
-                    let classifier = (classes > 0).then(|| {
-                        let g =
-                            best_class(&out.class_probs[i * classes..(i + 1) * classes], &labels);
-                        ClassifierOut {
-                            label: g.label,
-                            probability: g.probability,
-                        }
-                    });
-                    p.request.add_search(t.elapsed());
-                    Item {
-                        id: p.id,
-                        decision: match r.decision {
-                            Decision::Match => ItemDecision::Match,
-                            Decision::Unknown => ItemDecision::Unknown,
-                        },
-                        label: r.label,
-                        similarity: Some(r.similarity),
-                        distance: Some(r.distance),
-                        candidates: Some(
-                            r.candidates
-                                .into_iter()
-                                .map(|c| CandidateOut {
-                                    label: c.label,
-                                    similarity: c.similarity,
-                                    ref_id: c.ref_id,
-                                })
-                                .collect(),
-                        ),
-                        classifier,
-                        error: None,
-                    }
-                }
-            };
-            if p.request.complete(p.index, item) {
-                ctx.finish(&p.request);
+        let _busy = beat.busy();
+        if fault::ENABLED {
+            for p in &batch {
+                fault::inject(Site::Inference, Scope::Unguarded, &p.request.request_id);
             }
         }
+        // A panic while running or answering the batch fails the crops not
+        // answered yet, not the thread.
+        let mut answered = 0;
+        let ran = catch_unwind(AssertUnwindSafe(|| {
+            run_batch(
+                ctx,
+                &mut engine,
+                &normalizer,
+                &mut tensor,
+                &mut out,
+                &mut batch,
+                &mut answered,
+            )
+        }));
+        if let Err(panic) = ran {
+            let why = format!(
+                "internal error during inference ({}); this is a bug: please report it",
+                panic_text(&panic)
+            );
+            tracing::error!("{why}");
+            for p in batch.iter_mut().skip(answered) {
+                ctx.metrics.add_errors(1);
+                let item = Item::error(std::mem::take(&mut p.id), why.clone());
+                if p.request.complete(p.index, item) {
+                    ctx.finish(&p.request);
+                }
+            }
+        }
+        for p in batch.drain(..) {
+            pool.put(p.rgb);
+        }
         batcher.finished();
+    }
+}
+
+/// Runs one batch and answers its crops in order; `answered` counts the
+/// crops answered so far (a caller that catches a panic answers the rest).
+fn run_batch(
+    ctx: &PipelineContext,
+    engine: &mut Engine,
+    normalizer: &Normalizer,
+    tensor: &mut [f32],
+    out: &mut EngineOutput,
+    batch: &mut [Prepared],
+    answered: &mut usize,
+) {
+    let per_image = engine.image_len();
+    let dim = engine.dim();
+    let classes = engine.classes();
+    let n = batch.len();
+    for (p, slot) in batch.iter().zip(tensor.chunks_exact_mut(per_image)) {
+        normalizer.apply(&p.rgb, slot);
+    }
+    let started = Instant::now();
+    let run = engine.run(&tensor[..n * per_image], n, out);
+    let infer = started.elapsed();
+    ctx.metrics.add_batch(n);
+    let snapshot = ctx.refdb.snapshot();
+    let labels = &engine.manifest().classifier_labels;
+    for (i, p) in batch.iter_mut().enumerate() {
+        fault::inject(Site::Inference, Scope::Guarded, &p.request.request_id);
+        p.request.rode_batch(n, infer);
+        let item = match &run {
+            Err(e) => {
+                ctx.metrics.add_errors(1);
+                Item::error(std::mem::take(&mut p.id), format!("inference failed: {e}"))
+            }
+            Ok(()) => {
+                let t = Instant::now();
+                let emb = &out.embeddings[i * dim..(i + 1) * dim];
+                let r = p.request.pin_snapshot(&snapshot).index.search(
+                    emb,
+                    p.request.top_k,
+                    ctx.unknown_threshold,
+                );
+                let classifier = (classes > 0).then(|| {
+                    let g = best_class(&out.class_probs[i * classes..(i + 1) * classes], labels);
+                    ClassifierOut {
+                        label: g.label,
+                        probability: g.probability,
+                    }
+                });
+                p.request.add_search(t.elapsed());
+                Item {
+                    id: std::mem::take(&mut p.id),
+                    decision: match r.decision {
+                        Decision::Match => ItemDecision::Match,
+                        Decision::Unknown => ItemDecision::Unknown,
+                    },
+                    label: r.label,
+                    similarity: Some(r.similarity),
+                    distance: Some(r.distance),
+                    candidates: Some(
+                        r.candidates
+                            .into_iter()
+                            .map(|c| CandidateOut {
+                                label: c.label,
+                                similarity: c.similarity,
+                                ref_id: c.ref_id,
+                            })
+                            .collect(),
+                    ),
+                    classifier,
+                    error: None,
+                }
+            }
+        };
+        // Taking the id and completing are adjacent: a panic before this
+        // point leaves the crop (id intact) to the caller.
+        *answered += 1;
+        if p.request.complete(p.index, item) {
+            ctx.finish(&p.request);
+        }
     }
 }
 

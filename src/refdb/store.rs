@@ -48,6 +48,9 @@ pub enum StoreError {
     },
     #[error("cannot replace the reference DB at {path}: {message}")]
     Replace { path: PathBuf, message: String },
+    /// Refused before writing anything: the DB stays as it was.
+    #[error("the reference DB at {path} cannot be written: {why}; nothing was written (the last good DB keeps serving). Make the state directory writable again (is the file system mounted read-only?)")]
+    NotWritable { path: PathBuf, why: String },
 }
 
 /// Free space kept on the DB's file system beyond what a change needs
@@ -58,10 +61,25 @@ pub const SPACE_MARGIN: u64 = 32 * 1024 * 1024;
 /// `dir` has less than that plus [`SPACE_MARGIN`] free. A full disk in the
 /// middle of a sled write can leave the DB unreadable; this check keeps the
 /// agent from getting there by itself.
+/// Also refuses when the file system is mounted read-only or the directory
+/// is not writable by this process: sled must not meet those errors half
+/// way through a write either.
 pub fn ensure_space(dir: &Path, needed: u64) -> Result<(), StoreError> {
-    let Some(available) = available_space(dir) else {
+    let Some((available, read_only)) = file_system(dir) else {
         return Ok(()); // unknown: let the write itself tell
     };
+    if read_only {
+        return Err(StoreError::NotWritable {
+            path: dir.to_path_buf(),
+            why: "its file system is mounted read-only".into(),
+        });
+    }
+    if let Err(e) = writable(dir) {
+        return Err(StoreError::NotWritable {
+            path: dir.to_path_buf(),
+            why: e.to_string(),
+        });
+    }
     if available < needed.saturating_add(SPACE_MARGIN) {
         let mb = |b: u64| b.div_ceil(1024 * 1024);
         return Err(StoreError::NoSpace {
@@ -74,8 +92,27 @@ pub fn ensure_space(dir: &Path, needed: u64) -> Result<(), StoreError> {
     Ok(())
 }
 
-/// Bytes available to this (unprivileged) process on `dir`'s file system.
-fn available_space(dir: &Path) -> Option<u64> {
+/// Whether files can be created in `dir` (or its nearest existing
+/// ancestor), found by creating and removing one: the mount flags and
+/// `access(2)` miss a file system that the kernel turned read-only after an
+/// error (ext4's `errors=remount-ro`), and so would root's permissions.
+fn writable(dir: &Path) -> std::io::Result<()> {
+    let mut probe = dir;
+    while !probe.exists() {
+        probe = probe.parent().unwrap_or(Path::new("/"));
+    }
+    let file = probe.join(format!(".write-probe-{}", std::process::id()));
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&file)?;
+    std::fs::remove_file(&file)
+}
+
+/// Bytes available to this (unprivileged) process on `dir`'s file system,
+/// and whether it is mounted read-only.
+fn file_system(dir: &Path) -> Option<(u64, bool)> {
     use std::os::unix::ffi::OsStrExt;
     let mut probe = dir;
     while !probe.exists() {
@@ -89,7 +126,10 @@ fn available_space(dir: &Path) -> Option<u64> {
         if libc::statvfs(path.as_ptr(), &mut stat) != 0 {
             return None;
         }
-        Some((stat.f_bavail as u64).saturating_mul(stat.f_frsize as u64))
+        Some((
+            (stat.f_bavail as u64).saturating_mul(stat.f_frsize as u64),
+            stat.f_flag & libc::ST_RDONLY != 0,
+        ))
     }
 }
 
