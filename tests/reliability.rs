@@ -546,6 +546,177 @@ async fn a_qos0_flood_gets_every_request_answered_or_reported_and_full_speed_aft
     agent.stop().await.expect("clean stop");
 }
 
+/// A process's resident memory in kB: (now, peak).
+fn rss_kb(pid: u32) -> (u64, u64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or_else(|| panic!("{name} in /proc/{pid}/status"))
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_large_requests_keeps_memory_within_the_queue_byte_bound() {
+    // 120 requests of 3 MiB of raw pixels each (360 MiB) as fast as QoS 0
+    // allows, against pipeline.queue_max_bytes = 16 MiB: the agent's peak
+    // memory stays within the bound plus its fixed working set, every
+    // request is answered or reported, and it serves at full speed after.
+    const QUEUE_MB: u64 = 16;
+    const N: usize = 120;
+    let broker = Mosquitto::start("");
+    let dev = "bigflood";
+    let h = home(
+        dev,
+        broker.port,
+        "",
+        &format!(
+            "[pipeline]\nqueue_capacity = 1000\nqueue_max_bytes = {}\n",
+            QUEUE_MB << 20
+        ),
+    );
+    let DevTopics {
+        crops,
+        results,
+        errors,
+        status,
+    } = DevTopics::new(dev);
+    let mut c = TestClient::connect(
+        broker.port,
+        "bigflood-client",
+        &[&results, &errors, &status],
+    )
+    .await;
+    let log = std::fs::File::create(h.path().join("agent.log")).unwrap();
+    let agent = Killed(
+        std::process::Command::new(env!("CARGO_BIN_EXE_retail-agent"))
+            .args(["run", "-c"])
+            .arg(&h.config_path)
+            .env("RUST_LOG", "warn")
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap(),
+    );
+    let pid = agent.0.id();
+    let online = Instant::now() + Duration::from_secs(30);
+    loop {
+        let left = online.saturating_duration_since(Instant::now());
+        let (_, p, _) = c.next(left).await.expect("the agent comes online");
+        if to_json(&p)["state"] == "online" {
+            break;
+        }
+    }
+    // Warm: one request through every stage, so the baseline holds the
+    // model's and the runtime's buffers.
+    let (w, hgt) = (1024u32, 1024u32);
+    let pixels: Vec<u8> = (0..(w * hgt * 3) as usize)
+        .map(|i| (i % 251) as u8)
+        .collect();
+    let raw = |id: &str| {
+        request(
+            id,
+            vec![mp_map(vec![(
+                "raw",
+                mp_map(vec![
+                    ("width", Mp::from(w)),
+                    ("height", Mp::from(hgt)),
+                    ("format", Mp::from("rgb8")),
+                    ("data", Mp::Binary(pixels.clone())),
+                ]),
+            )])],
+            vec![],
+        )
+    };
+    c.publish(&crops, 1, raw("warm")).await;
+    let (got, _) = collect_results(
+        &mut c,
+        &results,
+        &errors,
+        &["warm"],
+        Duration::from_secs(20),
+    )
+    .await;
+    assert_eq!(got.len(), 1);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (baseline, _) = rss_kb(pid);
+
+    let payload = raw("x");
+    for i in 0..N {
+        let mut p = payload.clone();
+        // Same length, distinct id: "x" -> one letter per request.
+        let id_at = p
+            .windows(2)
+            .position(|w| w == [0xa1, b'x'])
+            .expect("the id")
+            + 1;
+        p[id_at] = b'A' + (i % 26) as u8;
+        c.publish(&crops, 0, p).await;
+    }
+    let mut answered = 0usize;
+    let mut reported = 0usize;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut peak_during = 0;
+    while answered + reported < N {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let Some((t, p, _)) = c.next(left).await else {
+            panic!("{answered} answered, {reported} reported of {N}");
+        };
+        peak_during = peak_during.max(rss_kb(pid).0);
+        let v = to_json(&p);
+        if t == results {
+            answered += 1;
+        } else if t == errors {
+            let reason = v["reason"].as_str().unwrap_or_default();
+            assert!(reason.starts_with("dropped"), "{v}");
+            reported += match v["request_id"].as_str() {
+                Some(_) => 1,
+                None => reason
+                    .split_whitespace()
+                    .nth(1)
+                    .and_then(|n| n.parse().ok())
+                    .expect("the aggregate report says how many"),
+            };
+        }
+    }
+    let (_, peak) = rss_kb(pid);
+    let growth_mb = peak.saturating_sub(baseline) / 1024;
+    eprintln!(
+        "large QoS 0 flood: {N} x 3 MiB, {answered} answered, {reported} reported; RSS baseline {} MiB, peak {} MiB (+{growth_mb} MiB; queue bound {QUEUE_MB} MiB)",
+        baseline / 1024,
+        peak / 1024
+    );
+    // The bound: the queue's bytes, plus what is in the hands of the bus
+    // (MQTT read buffers, a packet being handed over), of the decode worker
+    // (a request and its pixels), the drop reports' prefixes and the
+    // allocator's slack: 64 MiB beyond the queue (measured: 35 to 51).
+    let allowed = QUEUE_MB + 64;
+    assert!(
+        growth_mb <= allowed,
+        "peak RSS grew {growth_mb} MiB over the baseline; allowed {allowed} MiB"
+    );
+    assert!(
+        answered > 0 && reported > 0,
+        "{answered} answered, {reported} reported"
+    );
+    // Full speed again.
+    c.publish(&crops, 1, raw("after")).await;
+    let (got, _) = collect_results(
+        &mut c,
+        &results,
+        &errors,
+        &["after"],
+        Duration::from_secs(20),
+    )
+    .await;
+    assert_eq!(got.len(), 1);
+    drop(agent);
+}
+
 /// Kills the child process when dropped.
 struct Killed(std::process::Child);
 
