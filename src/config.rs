@@ -233,6 +233,10 @@ pub struct RecognitionConfig {
     /// each label is represented by at most N k-means prototypes (smaller,
     /// faster index for small devices; our addition).
     pub prototypes_per_class: usize,
+    /// How the reference matrix is kept in memory: "f32" (default) or
+    /// "f16" (half the memory; top-1 agreement with f32 measured by
+    /// `retail-agent bench`).
+    pub reference_precision: crate::refdb::index::Precision,
 }
 
 impl Default for RecognitionConfig {
@@ -241,6 +245,7 @@ impl Default for RecognitionConfig {
             top_k: 5,
             unknown_threshold: 0.5,
             prototypes_per_class: 0,
+            reference_precision: Default::default(),
         }
     }
 }

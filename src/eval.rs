@@ -124,7 +124,7 @@ pub fn open_set_scores(
             let r = index.search(&q.embedding, 1, -1.0);
             KnownScore {
                 similarity: r.similarity,
-                correct: r.candidates.first().map(|c| c.label.as_str()) == Some(q.label.as_str()),
+                correct: r.candidates.first().map(|c| &*c.label) == Some(q.label.as_str()),
             }
         })
         .collect();
@@ -174,7 +174,7 @@ pub fn evaluate(
         let (mut top1, mut top5) = (0usize, 0usize);
         for q in &scored {
             let r = index.search(&q.embedding, 5, -1.0);
-            let first = r.candidates.first().map(|c| c.label.as_str());
+            let first = r.candidates.first().map(|c| &*c.label);
             if first == Some(q.label.as_str()) {
                 top1 += 1;
             } else if last {
@@ -184,7 +184,7 @@ pub fn evaluate(
                         .or_default() += 1;
                 }
             }
-            if r.candidates.iter().any(|c| c.label == q.label) {
+            if r.candidates.iter().any(|c| *c.label == *q.label) {
                 top5 += 1;
             }
         }

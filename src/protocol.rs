@@ -5,6 +5,8 @@
 //! [`Bytes`] reads both and writes whichever the target format calls for.
 //! Owns no I/O and no behaviour beyond checking a message's shape.
 
+use std::sync::Arc;
+
 use serde::de::{self, Deserializer, Visitor};
 use serde::{Deserialize, Serialize, Serializer};
 
@@ -355,9 +357,9 @@ pub struct ModelRef {
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CandidateOut {
-    pub label: String,
+    pub label: Arc<str>,
     pub similarity: f32,
-    pub ref_id: String,
+    pub ref_id: Arc<str>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -378,7 +380,8 @@ pub enum ItemDecision {
 pub struct Item {
     pub id: String,
     pub decision: ItemDecision,
-    pub label: Option<String>,
+    /// Shared with the index: answering clones a pointer, not the text.
+    pub label: Option<Arc<str>>,
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub similarity: Option<f32>,
     #[serde(skip_serializing_if = "Option::is_none", default)]

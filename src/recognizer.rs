@@ -153,6 +153,7 @@ pub fn refdb_settings(cfg: &LoadedConfig, manifest: &ModelManifest, dim: usize) 
         dim,
         model_fingerprint: manifest.fingerprint().to_string(),
         prototypes_per_class: cfg.config.recognition.prototypes_per_class,
+        precision: cfg.config.recognition.reference_precision,
         store_images: cfg.config.refdb.store_images,
         cache_mb: cfg.config.refdb.cache_mb,
         remember_updates: cfg.config.fleet_updates.remember_updates,

@@ -98,6 +98,7 @@ fn enroll_and_db_on_a_db_in_use_say_to_stop_the_agent_or_push_an_update() {
             dim: 4,
             model_fingerprint: "0123456789abcdef".into(),
             prototypes_per_class: 0,
+            precision: Default::default(),
             store_images: true,
             remember_updates: 100,
             cache_mb: 4,

@@ -11,6 +11,7 @@ fn settings(dim: usize, fingerprint: &str, protos: usize) -> RefDbSettings {
         dim,
         model_fingerprint: fingerprint.into(),
         prototypes_per_class: protos,
+        precision: Default::default(),
         store_images: true,
         remember_updates: 10_000,
         cache_mb: 4,
@@ -85,7 +86,7 @@ fn ops_apply_in_order_and_the_digest_follows_the_contract() {
     assert!(db.was_applied("u-1").unwrap());
     let r = db.snapshot().index.search(&[0.0, 0.0, 1.0], 5, 0.5);
     assert_eq!(r.label.as_deref(), Some("cherry"));
-    assert_eq!(r.candidates[0].ref_id, "c3");
+    assert_eq!(&*r.candidates[0].ref_id, "c3");
 }
 
 #[test]

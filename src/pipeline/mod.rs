@@ -178,28 +178,29 @@ pub fn error_message(
     }
 }
 
-/// A crop resized to the model's input, waiting for its batch.
+/// A crop resized and normalised into the model's input layout (one image
+/// of the NCHW batch), waiting for its batch.
 struct Prepared {
     request: Arc<RequestState>,
     index: usize,
     id: String,
-    rgb: Vec<u8>,
+    pixels: Vec<f32>,
 }
 
-/// Recycles the RGB8 buffers of resized crops.
+/// Recycles the normalised image buffers of prepared crops.
 struct BufferPool {
-    free: Mutex<Vec<Vec<u8>>>,
+    free: Mutex<Vec<Vec<f32>>>,
     len: usize,
     keep: usize,
 }
 
 impl BufferPool {
-    fn get(&self) -> Vec<u8> {
+    fn get(&self) -> Vec<f32> {
         let buf = self.free.lock().unwrap_or_else(|p| p.into_inner()).pop();
-        buf.unwrap_or_else(|| vec![0u8; self.len])
+        buf.unwrap_or_else(|| vec![0f32; self.len])
     }
 
-    fn put(&self, buf: Vec<u8>) {
+    fn put(&self, buf: Vec<f32>) {
         let mut free = self.free.lock().unwrap_or_else(|p| p.into_inner());
         if free.len() < self.keep {
             free.push(buf);
@@ -281,10 +282,11 @@ impl Pipeline {
             cfg.overflow,
         ));
         let geometry = crate::recognizer::geometry(engine.manifest());
+        let normalizer = Normalizer::new(&engine.manifest().file.preprocess);
         let max_batch = cfg.max_batch.max(1);
         let pool = Arc::new(BufferPool {
             free: Mutex::new(Vec::new()),
-            len: geometry.rgb_len(),
+            len: engine.image_len(),
             keep: max_batch * 4,
         });
         // Room for a batch to accumulate while one runs.
@@ -296,18 +298,13 @@ impl Pipeline {
             ThreadBudget::for_this_machine(&RuntimeConfig::default(), cfg, gpu).decode_workers;
         let mut threads = Vec::with_capacity(workers + 1);
         for i in 0..workers {
-            let (ctx, queue, tx, pool, geometry) = (
-                ctx.clone(),
-                queue.clone(),
-                tx.clone(),
-                pool.clone(),
-                geometry.clone(),
-            );
+            let (ctx, queue, tx, pool) = (ctx.clone(), queue.clone(), tx.clone(), pool.clone());
+            let prep = CropPrep::new(geometry.clone(), normalizer.clone());
             let beat = ctx.health.register(format!("decode-{i}"));
             threads.push(
                 std::thread::Builder::new()
                     .name(format!("decode-{i}"))
-                    .spawn(move || decode_worker(&ctx, &beat, &queue, &tx, &pool, geometry))?,
+                    .spawn(move || decode_worker(&ctx, &beat, &queue, &tx, &pool, prep))?,
             );
         }
         drop(tx);
@@ -321,13 +318,37 @@ impl Pipeline {
         );
         // pipeline.max_delay_ms: the batcher's linger (0: none).
         let linger = Duration::from_millis(cfg.max_delay_ms);
-        let (ctx2, pool2) = (ctx.clone(), pool.clone());
+        // Inference hands each batch's outputs to the finisher (search,
+        // results, encoding, metrics) and goes on with the next batch; a few
+        // output buffers circulate between them (back-pressure when the
+        // finisher falls behind).
+        let (ran_tx, ran_rx) = channel::bounded::<Ran>(OUTPUT_BUFFERS);
+        let (free_tx, free_rx) = channel::bounded::<EngineOutput>(OUTPUT_BUFFERS);
+        for _ in 0..OUTPUT_BUFFERS {
+            let _ = free_tx.send(EngineOutput::default());
+        }
+        let finisher = Finisher {
+            dim,
+            classes: engine.classes(),
+            labels: engine.manifest().classifier_labels.clone(),
+        };
+        let (ctx3, pool3) = (ctx.clone(), pool.clone());
+        let beat = ctx.health.register("finisher");
+        threads.push(
+            std::thread::Builder::new()
+                .name("finisher".into())
+                .spawn(move || finisher.run(&ctx3, &beat, &ran_rx, &free_tx, &pool3))?,
+        );
         let beat = ctx.health.register("inference");
         threads.push(
             std::thread::Builder::new()
                 .name("inference".into())
                 .spawn(move || {
-                    infer_loop(&ctx2, &beat, rx, jobs_rx, engine, &pool2, max_batch, linger)
+                    let outputs = Outputs {
+                        ran: ran_tx,
+                        free: free_rx,
+                    };
+                    infer_loop(&beat, rx, jobs_rx, engine, &outputs, max_batch, linger)
                 })?,
         );
         Ok(Self {
@@ -390,15 +411,39 @@ impl Pipeline {
     }
 }
 
+/// A decode worker's tools: resizing into a scratch RGB8 image, then
+/// normalising straight into the crop's slot-sized f32 buffer, so the
+/// inference thread only copies it into the batch tensor.
+struct CropPrep {
+    pre: Preprocessor,
+    normalizer: Normalizer,
+    rgb: Vec<u8>,
+}
+
+impl CropPrep {
+    fn new(geometry: InputGeometry, normalizer: Normalizer) -> Self {
+        let rgb = vec![0u8; geometry.rgb_len()];
+        Self {
+            pre: Preprocessor::new(geometry),
+            normalizer,
+            rgb,
+        }
+    }
+
+    /// After a panic the scratch state is not trusted.
+    fn reset(&mut self) {
+        *self = Self::new(self.pre.geometry().clone(), self.normalizer.clone());
+    }
+}
+
 fn decode_worker(
     ctx: &PipelineContext,
     beat: &Heartbeat,
     queue: &IngestQueue<Incoming>,
     tx: &HandoffSender<Prepared>,
     pool: &BufferPool,
-    geometry: InputGeometry,
+    mut prep: CropPrep,
 ) {
-    let mut pre = Preprocessor::new(geometry.clone());
     while let Some(msg) = queue.pop() {
         let _busy = beat.busy();
         ctx.metrics.set_queue_depth(queue.len());
@@ -410,10 +455,10 @@ fn decode_worker(
         // worker: it is reported (and acknowledged) like any bad input.
         let (payload, ack) = (msg.payload.clone(), msg.ack);
         let handled = catch_unwind(AssertUnwindSafe(|| {
-            handle_message(ctx, &mut pre, pool, tx, msg);
+            handle_message(ctx, &mut prep, pool, tx, msg);
         }));
         if let Err(panic) = handled {
-            pre = Preprocessor::new(geometry.clone());
+            prep.reset();
             let id = protocol::peek_request_id(&payload);
             ctx.reject(
                 &payload,
@@ -441,7 +486,7 @@ fn panic_text(panic: &Box<dyn std::any::Any + Send>) -> String {
 
 fn handle_message(
     ctx: &PipelineContext,
-    pre: &mut Preprocessor,
+    prep: &mut CropPrep,
     pool: &BufferPool,
     tx: &HandoffSender<Prepared>,
     msg: Incoming,
@@ -499,19 +544,23 @@ fn handle_message(
     let mut finished = false;
     for (i, crop) in req.crops.iter().enumerate() {
         let id = req.crop_id(i);
-        let mut rgb = pool.get();
+        let mut pixels = pool.get();
         let outcome = crop.source().and_then(|src| {
-            prepare_crop(ctx, pre, src, frame.as_ref(), &mut rgb).map_err(|e| e.to_string())
+            prepare_crop(ctx, &mut prep.pre, src, frame.as_ref(), &mut prep.rgb)
+                .map_err(|e| e.to_string())
         });
         match outcome {
-            Ok(()) => prepared.push(Prepared {
-                request: state.clone(),
-                index: i,
-                id,
-                rgb,
-            }),
+            Ok(()) => {
+                prep.normalizer.apply(&prep.rgb, &mut pixels);
+                prepared.push(Prepared {
+                    request: state.clone(),
+                    index: i,
+                    id,
+                    pixels,
+                })
+            }
             Err(why) => {
-                pool.put(rgb);
+                pool.put(pixels);
                 ctx.metrics.add_errors(1);
                 debug!(crop = %id, "crop error: {why}");
                 finished |= state.complete(i, Item::error(id, why));
@@ -634,25 +683,43 @@ fn run_embed_job(
     let _ = reply.send(run);
 }
 
+/// Output buffers circulating between the inference thread and the finisher.
+const OUTPUT_BUFFERS: usize = 3;
+
+/// A batch that ran, on its way to the finisher.
+struct Ran {
+    batch: Vec<Prepared>,
+    output: EngineOutput,
+    infer: Duration,
+    /// Why inference failed, if it did.
+    error: Option<String>,
+}
+
+/// The inference thread's ends of the finisher's channels.
+struct Outputs {
+    ran: Sender<Ran>,
+    free: Receiver<EngineOutput>,
+}
+
 /// The inference thread: feeds the [`Batcher`] with the decode workers'
-/// units, runs each batch it releases, and embedding jobs when no batch is
+/// units, copies each batch it releases into the input tensor, runs it and
+/// hands the outputs to the finisher; runs embedding jobs when no batch is
 /// due (so at most one update batch runs ahead of waiting crops). Returns
-/// once the decode workers are gone and every crop is answered.
+/// once the decode workers are gone and every crop has gone to the finisher.
 #[allow(clippy::too_many_arguments)]
 fn infer_loop(
-    ctx: &PipelineContext,
     beat: &Heartbeat,
     rx: HandoffReceiver<Prepared>,
     jobs: Receiver<EmbedJob>,
     mut engine: Engine,
-    pool: &BufferPool,
+    outputs: &Outputs,
     max_batch: usize,
     linger: Duration,
 ) {
     let normalizer = Normalizer::new(&engine.manifest().file.preprocess);
     let per_image = engine.image_len();
     let mut tensor = vec![0f32; max_batch * per_image];
-    let mut out = EngineOutput::default();
+    let mut job_out = EngineOutput::default();
     let mut batch: Vec<Prepared> = Vec::with_capacity(max_batch);
     let mut batcher = Batcher::new(max_batch, linger);
     let (mut crops_open, mut jobs_open) = (true, true);
@@ -680,7 +747,7 @@ fn infer_loop(
                             &mut engine,
                             &normalizer,
                             &mut tensor,
-                            &mut out,
+                            &mut job_out,
                             max_batch,
                         );
                         continue;
@@ -701,7 +768,7 @@ fn infer_loop(
                         &mut engine,
                         &normalizer,
                         &mut tensor,
-                        &mut out,
+                        &mut job_out,
                         max_batch,
                     )
                 }
@@ -714,124 +781,212 @@ fn infer_loop(
             }
             continue;
         }
-        let _busy = beat.busy();
+        // Waiting for a free output buffer (the finisher is behind) is
+        // back-pressure, not work.
+        let Ok(mut output) = outputs.free.recv() else {
+            return;
+        };
+        let busy = beat.busy();
         if fault::ENABLED {
             for p in &batch {
                 fault::inject(Site::Inference, Scope::Unguarded, &p.request.request_id);
             }
         }
-        // A panic while running or answering the batch fails the crops not
-        // answered yet, not the thread.
-        let mut answered = 0;
+        let n = batch.len();
+        let started = Instant::now();
+        // A panic while running the batch fails its crops, not the thread.
         let ran = catch_unwind(AssertUnwindSafe(|| {
-            run_batch(
-                ctx,
-                &mut engine,
-                &normalizer,
-                &mut tensor,
-                &mut out,
-                &mut batch,
-                &mut answered,
-            )
-        }));
-        if let Err(panic) = ran {
-            let why = format!(
-                "internal error during inference ({}); this is a bug: please report it",
-                panic_text(&panic)
-            );
-            tracing::error!("{why}");
-            for p in batch.iter_mut().skip(answered) {
-                ctx.metrics.add_errors(1);
-                let item = Item::error(std::mem::take(&mut p.id), why.clone());
-                if p.request.complete(p.index, item) {
-                    ctx.finish(&p.request);
-                }
+            for (p, slot) in batch.iter().zip(tensor.chunks_exact_mut(per_image)) {
+                fault::inject(Site::Inference, Scope::Guarded, &p.request.request_id);
+                slot.copy_from_slice(&p.pixels);
             }
-        }
-        for p in batch.drain(..) {
-            pool.put(p.rgb);
+            engine.run(&tensor[..n * per_image], n, &mut output)
+        }));
+        let infer = started.elapsed();
+        drop(busy);
+        let error = match ran {
+            Ok(Ok(())) => None,
+            Ok(Err(e)) => Some(format!("inference failed: {e}")),
+            Err(panic) => {
+                let why = format!(
+                    "internal error during inference ({}); this is a bug: please report it",
+                    panic_text(&panic)
+                );
+                tracing::error!("{why}");
+                output = EngineOutput::default();
+                Some(why)
+            }
+        };
+        let ran = Ran {
+            batch: std::mem::replace(&mut batch, Vec::with_capacity(max_batch)),
+            output,
+            infer,
+            error,
+        };
+        if outputs.ran.send(ran).is_err() {
+            warn!("the finisher has stopped; batch abandoned");
+            return;
         }
         batcher.finished();
     }
 }
 
-/// Runs one batch and answers its crops in order; `answered` counts the
-/// crops answered so far (a caller that catches a panic answers the rest).
-fn run_batch(
-    ctx: &PipelineContext,
-    engine: &mut Engine,
-    normalizer: &Normalizer,
-    tensor: &mut [f32],
-    out: &mut EngineOutput,
-    batch: &mut [Prepared],
-    answered: &mut usize,
-) {
-    let per_image = engine.image_len();
-    let dim = engine.dim();
-    let classes = engine.classes();
-    let n = batch.len();
-    for (p, slot) in batch.iter().zip(tensor.chunks_exact_mut(per_image)) {
-        normalizer.apply(&p.rgb, slot);
-    }
-    let started = Instant::now();
-    let run = engine.run(&tensor[..n * per_image], n, out);
-    let infer = started.elapsed();
-    ctx.metrics.add_batch(n);
-    let snapshot = ctx.refdb.snapshot();
-    let labels = &engine.manifest().classifier_labels;
-    for (i, p) in batch.iter_mut().enumerate() {
-        fault::inject(Site::Inference, Scope::Guarded, &p.request.request_id);
-        p.request.rode_batch(n, infer);
-        let item = match &run {
-            Err(e) => {
-                ctx.metrics.add_errors(1);
-                Item::error(std::mem::take(&mut p.id), format!("inference failed: {e}"))
-            }
-            Ok(()) => {
-                let t = Instant::now();
-                let emb = &out.embeddings[i * dim..(i + 1) * dim];
-                let r = p.request.pin_snapshot(&snapshot).index.search(
-                    emb,
-                    p.request.top_k,
-                    ctx.unknown_threshold,
+/// The finisher thread: searches the reference DB for a batch's embeddings
+/// (one matrix multiply for the batch), builds and publishes the results,
+/// and records the metrics, while the inference thread runs the next batch.
+struct Finisher {
+    dim: usize,
+    classes: usize,
+    labels: Vec<String>,
+}
+
+impl Finisher {
+    fn run(
+        &self,
+        ctx: &PipelineContext,
+        beat: &Heartbeat,
+        ran: &Receiver<Ran>,
+        free: &Sender<EngineOutput>,
+        pool: &BufferPool,
+    ) {
+        let mut queries: Vec<f32> = Vec::new();
+        while let Ok(mut r) = ran.recv() {
+            let _busy = beat.busy();
+            // A panic while answering fails the crops not answered yet.
+            let mut answered = 0;
+            let done = catch_unwind(AssertUnwindSafe(|| {
+                self.answer(ctx, &mut r, &mut queries, &mut answered)
+            }));
+            if let Err(panic) = done {
+                let why = format!(
+                    "internal error while answering ({}); this is a bug: please report it",
+                    panic_text(&panic)
                 );
-                let classifier = (classes > 0).then(|| {
-                    let g = best_class(&out.class_probs[i * classes..(i + 1) * classes], labels);
-                    ClassifierOut {
-                        label: g.label,
-                        probability: g.probability,
+                tracing::error!("{why}");
+                for p in r.batch.iter_mut().skip(answered) {
+                    ctx.metrics.add_errors(1);
+                    let item = Item::error(std::mem::take(&mut p.id), why.clone());
+                    if p.request.complete(p.index, item) {
+                        ctx.finish(&p.request);
                     }
-                });
-                p.request.add_search(t.elapsed());
-                Item {
-                    id: std::mem::take(&mut p.id),
-                    decision: match r.decision {
-                        Decision::Match => ItemDecision::Match,
-                        Decision::Unknown => ItemDecision::Unknown,
-                    },
-                    label: r.label,
-                    similarity: Some(r.similarity),
-                    distance: Some(r.distance),
-                    candidates: Some(
-                        r.candidates
-                            .into_iter()
-                            .map(|c| CandidateOut {
-                                label: c.label,
-                                similarity: c.similarity,
-                                ref_id: c.ref_id,
-                            })
-                            .collect(),
-                    ),
-                    classifier,
-                    error: None,
                 }
             }
-        };
-        // Taking the id and completing are adjacent: a panic before this
-        // point leaves the crop (id intact) to the caller.
-        *answered += 1;
-        if p.request.complete(p.index, item) {
-            ctx.finish(&p.request);
+            for p in r.batch.drain(..) {
+                pool.put(p.pixels);
+            }
+            let _ = free.send(r.output);
+        }
+    }
+
+    /// Answers every crop of a batch, in order; `answered` counts those done.
+    fn answer(
+        &self,
+        ctx: &PipelineContext,
+        r: &mut Ran,
+        queries: &mut Vec<f32>,
+        answered: &mut usize,
+    ) {
+        let (dim, classes) = (self.dim, self.classes);
+        let n = r.batch.len();
+        ctx.metrics.add_batch(n);
+        for p in &r.batch {
+            p.request.rode_batch(n, r.infer);
+        }
+        if let Some(e) = &r.error {
+            for p in r.batch.iter_mut() {
+                ctx.metrics.add_errors(1);
+                let item = Item::error(std::mem::take(&mut p.id), e.clone());
+                *answered += 1;
+                if p.request.complete(p.index, item) {
+                    ctx.finish(&p.request);
+                }
+            }
+            return;
+        }
+        // Crops of one request search the snapshot the request pinned (a
+        // request split over batches sees one DB version); crops pinning
+        // the same snapshot, normally the whole batch, are searched together.
+        let current = ctx.refdb.snapshot();
+        let mut results: Vec<Option<crate::refdb::Recognition>> = (0..n).map(|_| None).collect();
+        let mut search_time = Duration::ZERO;
+        let mut pending: Vec<usize> = (0..n).collect();
+        while let Some(&first) = pending.first() {
+            let snapshot = r.batch[first].request.pin_snapshot(&current).clone();
+            let group: Vec<usize> = pending
+                .iter()
+                .copied()
+                .filter(|&i| Arc::ptr_eq(r.batch[i].request.pin_snapshot(&current), &snapshot))
+                .collect();
+            pending.retain(|i| !group.contains(i));
+            let top_k = group
+                .iter()
+                .map(|&i| r.batch[i].request.top_k)
+                .max()
+                .unwrap_or(1);
+            let t = Instant::now();
+            let found = if group.len() == n {
+                snapshot.index.search_batch(
+                    &r.output.embeddings[..n * dim],
+                    top_k,
+                    ctx.unknown_threshold,
+                )
+            } else {
+                queries.clear();
+                for &i in &group {
+                    queries.extend_from_slice(&r.output.embeddings[i * dim..(i + 1) * dim]);
+                }
+                snapshot
+                    .index
+                    .search_batch(queries, top_k, ctx.unknown_threshold)
+            };
+            search_time += t.elapsed();
+            for (&i, rec) in group.iter().zip(found) {
+                results[i] = Some(rec);
+            }
+        }
+        let share = search_time / n.max(1) as u32;
+        for (i, (p, rec)) in r.batch.iter_mut().zip(results).enumerate() {
+            let Some(mut rec) = rec else { continue };
+            rec.candidates.truncate(p.request.top_k);
+            let classifier = (classes > 0).then(|| {
+                let g = best_class(
+                    &r.output.class_probs[i * classes..(i + 1) * classes],
+                    &self.labels,
+                );
+                ClassifierOut {
+                    label: g.label,
+                    probability: g.probability,
+                }
+            });
+            p.request.add_search(share);
+            let item = Item {
+                id: std::mem::take(&mut p.id),
+                decision: match rec.decision {
+                    Decision::Match => ItemDecision::Match,
+                    Decision::Unknown => ItemDecision::Unknown,
+                },
+                label: rec.label,
+                similarity: Some(rec.similarity),
+                distance: Some(rec.distance),
+                candidates: Some(
+                    rec.candidates
+                        .into_iter()
+                        .map(|c| CandidateOut {
+                            label: c.label,
+                            similarity: c.similarity,
+                            ref_id: c.ref_id,
+                        })
+                        .collect(),
+                ),
+                classifier,
+                error: None,
+            };
+            // Taking the id and completing are adjacent: a panic before
+            // this point leaves the crop (id intact) to the caller.
+            *answered += 1;
+            if p.request.complete(p.index, item) {
+                ctx.finish(&p.request);
+            }
         }
     }
 }

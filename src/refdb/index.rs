@@ -1,11 +1,23 @@
 //! The in-memory search index: every reference embedding in one contiguous,
-//! L2-normalised f32 matrix, exact nearest-neighbour search with one
-//! candidate per label, and optional per-label k-means prototypes.
+//! L2-normalised matrix (f32, or f16 to halve its memory), exact
+//! nearest-neighbour search with one candidate per label, and optional
+//! per-label k-means prototypes.
 //!
-//! Built from the store's records and immutable afterwards: an update builds
-//! a new index and swaps it in, so searches never wait for writers.
+//! A batch of queries is scored with one matrix multiply (the
+//! `matrixmultiply` crate's sgemm; an f16 matrix is widened block by block
+//! into a scratch buffer first), then reduced to the best reference per
+//! label. Labels and ref_ids are shared strings: a result clones pointers,
+//! not text. Built from the store's records and immutable afterwards: an
+//! update builds a new index and swaps it in, so searches never wait for
+//! writers.
 
+use std::borrow::Cow;
+use std::cell::RefCell;
 use std::collections::HashMap;
+use std::sync::Arc;
+
+use half::f16;
+use serde::{Deserialize, Serialize};
 
 /// Scales `v` to unit L2 norm (a zero vector stays zero).
 pub fn l2_normalize(v: &mut [f32]) {
@@ -30,6 +42,68 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + tail
 }
 
+/// `c[n x m] = a[n x k] * b[m x k]^T`, all row-major, `c` with row stride
+/// `ldc` (a column block of a wider matrix).
+fn gemm_nt(a: &[f32], n: usize, k: usize, b: &[f32], m: usize, c: &mut [f32], ldc: usize) {
+    if n == 0 || m == 0 || k == 0 {
+        return;
+    }
+    assert!(a.len() >= n * k && b.len() >= m * k && c.len() >= (n - 1) * ldc + m);
+    // SAFETY: the assertion above keeps every index sgemm computes from
+    // these strides (a: n x k row-major; b read as k x m with row stride 1
+    // and column stride k; c: n x m with row stride ldc) inside the slices.
+    unsafe {
+        matrixmultiply::sgemm(
+            n,
+            k,
+            m,
+            1.0,
+            a.as_ptr(),
+            k as isize,
+            1,
+            b.as_ptr(),
+            1,
+            k as isize,
+            0.0,
+            c.as_mut_ptr(),
+            ldc as isize,
+            1,
+        );
+    }
+}
+
+/// How the reference matrix is stored.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    /// 4 bytes per value (default).
+    #[default]
+    F32,
+    /// 2 bytes per value: half the memory; similarities differ by about
+    /// 1e-3 (top-1 agreement measured by `retail-agent bench`).
+    F16,
+}
+
+#[derive(Debug, Clone)]
+enum Matrix {
+    F32(Vec<f32>),
+    F16(Vec<f16>),
+}
+
+impl Default for Matrix {
+    fn default() -> Self {
+        Matrix::F32(Vec::new())
+    }
+}
+
+/// Rows of an f16 matrix widened at a time.
+const WIDEN_BLOCK: usize = 128;
+
+thread_local! {
+    /// Per-thread scratch: the similarity matrix of a batch, and widened rows.
+    static SCRATCH: RefCell<(Vec<f32>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
+}
+
 /// L2 distance between unit vectors with cosine similarity `s`.
 pub fn distance_from_similarity(s: f32) -> f32 {
     (2.0 - 2.0 * s).max(0.0).sqrt()
@@ -38,16 +112,16 @@ pub fn distance_from_similarity(s: f32) -> f32 {
 /// One row of the matrix: which reference it is.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RowInfo {
-    pub ref_id: String,
+    pub ref_id: Arc<str>,
     pub label: u32,
 }
 
 /// A candidate label for a query.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Candidate {
-    pub label: String,
+    pub label: Arc<str>,
     pub similarity: f32,
-    pub ref_id: String,
+    pub ref_id: Arc<str>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -60,7 +134,7 @@ pub enum Decision {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Recognition {
     pub decision: Decision,
-    pub label: Option<String>,
+    pub label: Option<Arc<str>>,
     /// Cosine similarity of the best reference; -1 for an empty index.
     pub similarity: f32,
     /// L2 distance of the best reference; 2 for an empty index.
@@ -81,42 +155,62 @@ struct Prototypes {
 #[derive(Debug, Clone, Default)]
 pub struct Index {
     dim: usize,
-    vectors: Vec<f32>,
+    matrix: Matrix,
     rows: Vec<RowInfo>,
-    labels: Vec<String>,
+    labels: Vec<Arc<str>>,
     prototypes: Option<Prototypes>,
 }
 
 impl Index {
-    /// Builds an index from `(ref_id, label, embedding)` rows; embeddings are
-    /// normalised here. All embeddings must have length `dim`.
+    /// Builds an f32 index from `(ref_id, label, embedding)` rows;
+    /// embeddings are normalised here. All embeddings must have length `dim`.
     pub fn build<'a>(
         dim: usize,
         rows: impl IntoIterator<Item = (&'a str, &'a str, &'a [f32])>,
         prototypes_per_class: usize,
     ) -> Self {
-        let mut label_ids: HashMap<String, u32> = HashMap::new();
-        let mut index = Self {
-            dim,
-            ..Self::default()
-        };
+        Self::build_with(dim, rows, prototypes_per_class, Precision::F32)
+    }
+
+    /// [`Index::build`] with the matrix stored at `precision`.
+    pub fn build_with<'a>(
+        dim: usize,
+        rows: impl IntoIterator<Item = (&'a str, &'a str, &'a [f32])>,
+        prototypes_per_class: usize,
+        precision: Precision,
+    ) -> Self {
+        let mut label_ids: HashMap<&'a str, u32> = HashMap::new();
+        let mut labels: Vec<Arc<str>> = Vec::new();
+        let mut vectors: Vec<f32> = Vec::new();
+        let mut infos = Vec::new();
         for (ref_id, label, emb) in rows {
             debug_assert_eq!(emb.len(), dim);
-            let next = index.labels.len() as u32;
-            let id = *label_ids.entry(label.to_string()).or_insert_with(|| {
-                index.labels.push(label.to_string());
-                next
+            let id = *label_ids.entry(label).or_insert_with(|| {
+                labels.push(Arc::from(label));
+                (labels.len() - 1) as u32
             });
-            let start = index.vectors.len();
-            index.vectors.extend_from_slice(emb);
-            l2_normalize(&mut index.vectors[start..]);
-            index.rows.push(RowInfo {
-                ref_id: ref_id.to_string(),
+            let start = vectors.len();
+            vectors.extend_from_slice(emb);
+            l2_normalize(&mut vectors[start..]);
+            infos.push(RowInfo {
+                ref_id: Arc::from(ref_id),
                 label: id,
             });
         }
+        let mut index = Self {
+            dim,
+            matrix: Matrix::F32(vectors),
+            rows: infos,
+            labels,
+            prototypes: None,
+        };
         if prototypes_per_class > 0 {
             index.prototypes = Some(index.build_prototypes(prototypes_per_class));
+        }
+        if precision == Precision::F16 {
+            if let Matrix::F32(v) = &index.matrix {
+                index.matrix = Matrix::F16(v.iter().map(|&x| f16::from_f32(x)).collect());
+            }
         }
         index
     }
@@ -133,7 +227,7 @@ impl Index {
         self.rows.is_empty()
     }
 
-    pub fn labels(&self) -> &[String] {
+    pub fn labels(&self) -> &[Arc<str>] {
         &self.labels
     }
 
@@ -141,9 +235,28 @@ impl Index {
         &self.rows
     }
 
-    /// The normalised embedding of row `i`.
-    pub fn vector(&self, i: usize) -> &[f32] {
-        &self.vectors[i * self.dim..(i + 1) * self.dim]
+    pub fn precision(&self) -> Precision {
+        match self.matrix {
+            Matrix::F32(_) => Precision::F32,
+            Matrix::F16(_) => Precision::F16,
+        }
+    }
+
+    /// Bytes of the reference matrix (prototypes not included).
+    pub fn matrix_bytes(&self) -> usize {
+        match &self.matrix {
+            Matrix::F32(v) => v.len() * 4,
+            Matrix::F16(v) => v.len() * 2,
+        }
+    }
+
+    /// The normalised embedding of row `i` (widened from f16 if stored so).
+    pub fn vector(&self, i: usize) -> Cow<'_, [f32]> {
+        let span = i * self.dim..(i + 1) * self.dim;
+        match &self.matrix {
+            Matrix::F32(v) => Cow::Borrowed(&v[span]),
+            Matrix::F16(v) => Cow::Owned(v[span].iter().map(|x| x.to_f32()).collect()),
+        }
     }
 
     /// Number of vectors a search scans (prototypes when enabled).
@@ -157,27 +270,79 @@ impl Index {
     /// label, best `top_k` labels first; "unknown" when the best similarity
     /// is below `threshold` or the index is empty.
     pub fn search(&self, query: &[f32], top_k: usize, threshold: f32) -> Recognition {
-        let mut best: Vec<(f32, u32)> = vec![(f32::NEG_INFINITY, u32::MAX); self.labels.len()];
-        match &self.prototypes {
-            None => {
-                for (i, row) in self.vectors.chunks_exact(self.dim.max(1)).enumerate() {
-                    let s = dot(query, row);
-                    let slot = &mut best[self.rows[i].label as usize];
-                    if s > slot.0 {
-                        *slot = (s, i as u32);
+        self.search_batch(query, top_k, threshold)
+            .pop()
+            .unwrap_or_else(|| self.finish(&[], top_k, threshold))
+    }
+
+    /// [`Index::search`] for `queries.len() / dim` queries laid out row by
+    /// row, scored together with one matrix multiply.
+    pub fn search_batch(&self, queries: &[f32], top_k: usize, threshold: f32) -> Vec<Recognition> {
+        let dim = self.dim.max(1);
+        let n = queries.len() / dim;
+        let (m, row_label): (usize, &dyn Fn(usize) -> (u32, u32)) = match &self.prototypes {
+            None => (self.rows.len(), &|j| (self.rows[j].label, j as u32)),
+            Some(p) => (p.labels.len(), &|j| (p.labels[j], p.representative[j])),
+        };
+        SCRATCH.with(|cell| {
+            let mut scratch = cell.borrow_mut();
+            let (scores, widened) = &mut *scratch;
+            scores.clear();
+            scores.resize(n * m, 0.0);
+            self.score(&queries[..n * dim], n, scores, widened);
+            let mut best: Vec<(f32, u32)> = Vec::with_capacity(self.labels.len());
+            (0..n)
+                .map(|q| {
+                    best.clear();
+                    best.resize(self.labels.len(), (f32::NEG_INFINITY, u32::MAX));
+                    for (j, &s) in scores[q * m..(q + 1) * m].iter().enumerate() {
+                        let (label, row) = row_label(j);
+                        let slot = &mut best[label as usize];
+                        if s > slot.0 {
+                            *slot = (s, row);
+                        }
                     }
+                    self.finish(&best, top_k, threshold)
+                })
+                .collect()
+        })
+    }
+
+    /// Similarities of `n` queries with every searched vector, into
+    /// `scores` (n rows).
+    fn score(&self, queries: &[f32], n: usize, scores: &mut [f32], widened: &mut Vec<f32>) {
+        let dim = self.dim.max(1);
+        if let Some(p) = &self.prototypes {
+            let m = p.labels.len();
+            gemm_nt(queries, n, dim, &p.vectors, m, scores, m);
+            return;
+        }
+        let m = self.rows.len();
+        match &self.matrix {
+            Matrix::F32(v) if n == 1 => {
+                // One query: a dot per row beats a GEMM's packing.
+                for (s, row) in scores.iter_mut().zip(v.chunks_exact(dim)) {
+                    *s = dot(queries, row);
                 }
             }
-            Some(p) => {
-                for (i, row) in p.vectors.chunks_exact(self.dim.max(1)).enumerate() {
-                    let s = dot(query, row);
-                    let slot = &mut best[p.labels[i] as usize];
-                    if s > slot.0 {
-                        *slot = (s, p.representative[i]);
-                    }
+            Matrix::F32(v) => gemm_nt(queries, n, dim, v, m, scores, m),
+            Matrix::F16(v) => {
+                for start in (0..m).step_by(WIDEN_BLOCK) {
+                    let rows = WIDEN_BLOCK.min(m - start);
+                    widened.clear();
+                    widened.extend(
+                        v[start * dim..(start + rows) * dim]
+                            .iter()
+                            .map(|x| x.to_f32()),
+                    );
+                    gemm_nt(queries, n, dim, widened, rows, &mut scores[start..], m);
                 }
             }
         }
+    }
+
+    /// The recognition from the best (similarity, row) per label.
+    fn finish(&self, best: &[(f32, u32)], top_k: usize, threshold: f32) -> Recognition {
         let mut order: Vec<usize> = (0..best.len()).filter(|&l| best[l].1 != u32::MAX).collect();
         order.sort_by(|&a, &b| best[b].0.total_cmp(&best[a].0).then(a.cmp(&b)));
         let Some(&top) = order.first() else {
@@ -227,7 +392,7 @@ impl Index {
                 let representative = rows
                     .iter()
                     .copied()
-                    .max_by(|&a, &b| dot(c, self.vector(a)).total_cmp(&dot(c, self.vector(b))))
+                    .max_by(|&a, &b| dot(c, &self.vector(a)).total_cmp(&dot(c, &self.vector(b))))
                     .unwrap_or(0);
                 out.vectors.extend_from_slice(c);
                 out.labels.push(label as u32);
@@ -250,12 +415,12 @@ fn kmeans(index: &Index, rows: &[usize], k: usize) -> Vec<f32> {
             .iter()
             .copied()
             .min_by(|&a, &b| {
-                let sa = max_sim(&centroids, dim, index.vector(a));
-                let sb = max_sim(&centroids, dim, index.vector(b));
+                let sa = max_sim(&centroids, dim, &index.vector(a));
+                let sb = max_sim(&centroids, dim, &index.vector(b));
                 sa.total_cmp(&sb)
             })
             .unwrap_or(rows[0]);
-        centroids.extend_from_slice(index.vector(far));
+        centroids.extend_from_slice(&index.vector(far));
     }
     let mut assign = vec![0usize; rows.len()];
     for _ in 0..20 {
@@ -265,14 +430,17 @@ fn kmeans(index: &Index, rows: &[usize], k: usize) -> Vec<f32> {
             let best = centroids
                 .chunks_exact(dim)
                 .enumerate()
-                .max_by(|a, b| dot(a.1, v).total_cmp(&dot(b.1, v)))
+                .max_by(|a, b| dot(a.1, &v).total_cmp(&dot(b.1, &v)))
                 .map_or(0, |(i, _)| i);
             changed |= *slot != best;
             *slot = best;
         }
         let mut sums = vec![0f32; k * dim];
         for (&c, &r) in assign.iter().zip(rows) {
-            for (s, x) in sums[c * dim..(c + 1) * dim].iter_mut().zip(index.vector(r)) {
+            for (s, x) in sums[c * dim..(c + 1) * dim]
+                .iter_mut()
+                .zip(index.vector(r).iter())
+            {
                 *s += x;
             }
         }
@@ -322,7 +490,7 @@ mod tests {
         let r = idx.search(&q, 5, 0.5);
         assert_eq!(r.decision, Decision::Match);
         assert_eq!(r.label.as_deref(), Some("apple"));
-        let labels: Vec<&str> = r.candidates.iter().map(|c| c.label.as_str()).collect();
+        let labels: Vec<&str> = r.candidates.iter().map(|c| &*c.label).collect();
         assert_eq!(labels.len(), 3, "one candidate per label: {labels:?}");
         assert_eq!(labels[0], "apple");
         assert!((r.distance - distance_from_similarity(r.similarity)).abs() < 1e-6);
@@ -358,6 +526,98 @@ mod tests {
             full.search(&q, 1, 0.0).label,
             proto.search(&q, 1, 0.0).label
         );
-        assert_eq!(proto.search(&q, 1, 0.0).candidates[0].ref_id, "c1");
+        assert_eq!(&*proto.search(&q, 1, 0.0).candidates[0].ref_id, "c1");
+    }
+
+    /// (ref_id, label, embedding) rows.
+    type Rows = Vec<(String, String, Vec<f32>)>;
+
+    /// 315 labels x `per_label` references of `dim` values around one
+    /// centre per label, and `n` queries near random references.
+    fn synthetic(per_label: usize, dim: usize, n: usize) -> (Rows, Vec<f32>) {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        let mut noise = |scale: f32| -> Vec<f32> {
+            (0..dim)
+                .map(|_| rng.gen_range(-1.0f32..1.0) * scale)
+                .collect()
+        };
+        let centres: Vec<Vec<f32>> = (0..315).map(|_| noise(1.0)).collect();
+        let mut rows = Vec::new();
+        for (l, c) in centres.iter().enumerate() {
+            for r in 0..per_label {
+                let v: Vec<f32> = c.iter().zip(noise(0.6)).map(|(a, b)| a + b).collect();
+                rows.push((format!("r{l}-{r}"), format!("label-{l}"), v));
+            }
+        }
+        let mut queries = Vec::with_capacity(n * dim);
+        for q in 0..n {
+            let (_, _, v) = &rows[(q * 7919) % rows.len()];
+            let mut v: Vec<f32> = v.iter().zip(noise(0.6)).map(|(a, b)| a + b).collect();
+            l2_normalize(&mut v);
+            queries.extend(v);
+        }
+        (rows, queries)
+    }
+
+    #[test]
+    fn a_batch_search_answers_like_one_query_at_a_time() {
+        let dim = 64;
+        let (rows, queries) = synthetic(3, dim, 16);
+        for protos in [0, 2] {
+            let idx = Index::build(
+                dim,
+                rows.iter()
+                    .map(|(r, l, e)| (r.as_str(), l.as_str(), e.as_slice())),
+                protos,
+            );
+            let batch = idx.search_batch(&queries, 5, 0.3);
+            assert_eq!(batch.len(), 16);
+            for (q, b) in queries.chunks_exact(dim).zip(&batch) {
+                let one = idx.search(q, 5, 0.3);
+                assert_eq!(one.label, b.label);
+                assert_eq!(one.decision, b.decision);
+                for (x, y) in one.candidates.iter().zip(&b.candidates) {
+                    assert_eq!((&x.label, &x.ref_id), (&y.label, &y.ref_id));
+                    assert!((x.similarity - y.similarity).abs() < 1e-5);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn an_f16_matrix_halves_the_bytes_and_keeps_the_top_label() {
+        let dim = 128;
+        let (rows, queries) = synthetic(5, dim, 400);
+        let build = |p| {
+            Index::build_with(
+                dim,
+                rows.iter()
+                    .map(|(r, l, e)| (r.as_str(), l.as_str(), e.as_slice())),
+                0,
+                p,
+            )
+        };
+        let (full, half) = (build(Precision::F32), build(Precision::F16));
+        assert_eq!(half.precision(), Precision::F16);
+        assert_eq!(half.matrix_bytes() * 2, full.matrix_bytes());
+        let a = full.search_batch(&queries, 1, -1.0);
+        let b = half.search_batch(&queries, 1, -1.0);
+        let agree = a
+            .iter()
+            .zip(&b)
+            .filter(|(x, y)| x.candidates[0].ref_id == y.candidates[0].ref_id)
+            .count();
+        assert!(
+            agree * 1000 >= 999 * a.len(),
+            "top-1 agreement {agree}/{}",
+            a.len()
+        );
+        for (x, y) in a.iter().zip(&b) {
+            assert!((x.similarity - y.similarity).abs() < 2e-3);
+        }
+        // One query at a time through the f16 matrix too.
+        let one = half.search(&queries[..dim], 1, -1.0);
+        assert_eq!(one.candidates[0].ref_id, b[0].candidates[0].ref_id);
     }
 }

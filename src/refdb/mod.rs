@@ -183,6 +183,8 @@ pub struct RefDbSettings {
     pub dim: usize,
     pub model_fingerprint: String,
     pub prototypes_per_class: usize,
+    /// How the in-memory reference matrix is stored.
+    pub precision: index::Precision,
     pub store_images: bool,
     pub cache_mb: u64,
     /// Applied update ids remembered (for `duplicate`); the oldest are
@@ -701,11 +703,12 @@ fn build_snapshot(
         });
         entries.insert(id, w.info);
     }
-    let index = Index::build(
+    let index = Index::build_with(
         settings.dim,
         rows.iter()
             .map(|(r, l, v)| (r.as_str(), l.as_str(), v.as_slice())),
         settings.prototypes_per_class,
+        settings.precision,
     );
     let meta = DbMeta {
         version,
