@@ -1146,6 +1146,38 @@ impl Drop for SmallDisk {
     }
 }
 
+/// Expects update `id` refused with `reason` in its ack, the DB still at
+/// `version` with `content`.
+async fn expect_refused(
+    c: &mut TestClient,
+    dev: &str,
+    id: &str,
+    reason: &str,
+    content: &Content,
+    version: u64,
+) {
+    let ack = next_ack(c, dev, Duration::from_secs(60))
+        .await
+        .unwrap_or_else(|| panic!("no ack for {id}"));
+    assert_ack(&ack, Some(id), "rejected", version, content, id);
+    assert!(ack["reason"].as_str().unwrap().contains(reason), "{ack}");
+}
+
+/// Expects crop request `asked` answered without error from DB `version`.
+async fn expect_served(c: &mut TestClient, dev: &str, asked: &str, version: u64) {
+    let r = to_json(
+        &c.next_on(&format!("ror/{dev}/results"), Duration::from_secs(20))
+            .await
+            .expect("result"),
+    );
+    assert_eq!(
+        (r["request_id"].as_str(), r["refdb_version"].as_u64()),
+        (Some(asked), Some(version)),
+        "{r}"
+    );
+    assert!(r["items"][0]["error"].is_null(), "{r}");
+}
+
 #[test]
 fn a_full_or_read_only_state_dir_refuses_an_update_and_the_last_good_db_keeps_serving() {
     let broker = Mosquitto::start("");
@@ -1212,32 +1244,15 @@ fn a_full_or_read_only_state_dir_refuses_an_update_and_the_last_good_db_keeps_se
             .expect("ack u1");
         assert_ack(&ack, Some("u1"), "applied", 1, &v1, "u1");
 
-        // A full disk: refused before anything is written, with a reason.
+        // A full disk: refused before anything is written, with a reason,
+        // and the last good DB keeps serving.
         let filler = disk.fill();
         let mut v2 = v1.clone();
         let u2 = Update::new("u2", FLEET, Some(1), 2, batch(20, 20, &mut v2));
         send(&u2).await;
-        let ack = next_ack(&mut c, dev, Duration::from_secs(60))
-            .await
-            .expect("ack u2");
-        assert_ack(&ack, Some("u2"), "rejected", 1, &v1, "u2 on a full disk");
-        assert!(
-            ack["reason"].as_str().unwrap().contains("free space"),
-            "{ack}"
-        );
-        // The last good DB keeps serving.
+        expect_refused(&mut c, dev, "u2", "free space", &v1, 1).await;
         let id = ask().await;
-        let r = to_json(
-            &c.next_on(&results, Duration::from_secs(20))
-                .await
-                .expect("result"),
-        );
-        assert_eq!(
-            (r["request_id"].as_str(), r["refdb_version"].as_u64()),
-            (Some(id.as_str()), Some(1)),
-            "{r}"
-        );
-        assert!(r["items"][0]["error"].is_null(), "{r}");
+        expect_served(&mut c, dev, &id, 1).await;
 
         // Space again: the same update applies (a rejected id is not burnt).
         std::fs::remove_file(&filler).unwrap();
@@ -1253,26 +1268,9 @@ fn a_full_or_read_only_state_dir_refuses_an_update_and_the_last_good_db_keeps_se
         let mut v3 = v2.clone();
         let u3 = Update::new("u3", FLEET, Some(2), 3, batch(40, 10, &mut v3));
         send(&u3).await;
-        let ack = next_ack(&mut c, dev, Duration::from_secs(60))
-            .await
-            .expect("ack u3");
-        assert_ack(&ack, Some("u3"), "rejected", 2, &v2, "u3 read-only");
-        assert!(
-            ack["reason"].as_str().unwrap().contains("Read-only"),
-            "{ack}"
-        );
+        expect_refused(&mut c, dev, "u3", "Read-only", &v2, 2).await;
         let id = ask().await;
-        let r = to_json(
-            &c.next_on(&results, Duration::from_secs(20))
-                .await
-                .expect("result"),
-        );
-        assert_eq!(
-            (r["request_id"].as_str(), r["refdb_version"].as_u64()),
-            (Some(id.as_str()), Some(2)),
-            "{r}"
-        );
-        assert!(r["items"][0]["error"].is_null(), "{r}");
+        expect_served(&mut c, dev, &id, 2).await;
         (publisher, u3, v3)
     });
     let (publisher, u3, v3) = outcome;

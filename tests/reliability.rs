@@ -546,6 +546,20 @@ async fn a_qos0_flood_gets_every_request_answered_or_reported_and_full_speed_aft
     agent.stop().await.expect("clean stop");
 }
 
+/// Publishes one QoS 1 request and waits for its result.
+async fn answered_once(
+    c: &mut TestClient,
+    crops: &str,
+    results: &str,
+    errors: &str,
+    id: &str,
+    payload: Vec<u8>,
+) {
+    c.publish(crops, 1, payload).await;
+    let (got, _) = collect_results(c, results, errors, &[id], Duration::from_secs(20)).await;
+    assert_eq!(got.len(), 1, "{id} answered");
+}
+
 /// A process's resident memory in kB: (now, peak).
 fn rss_kb(pid: u32) -> (u64, u64) {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
@@ -632,16 +646,7 @@ async fn a_flood_of_large_requests_keeps_memory_within_the_queue_byte_bound() {
             vec![],
         )
     };
-    c.publish(&crops, 1, raw("warm")).await;
-    let (got, _) = collect_results(
-        &mut c,
-        &results,
-        &errors,
-        &["warm"],
-        Duration::from_secs(20),
-    )
-    .await;
-    assert_eq!(got.len(), 1);
+    answered_once(&mut c, &crops, &results, &errors, "warm", raw("warm")).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let (baseline, _) = rss_kb(pid);
 
@@ -704,16 +709,7 @@ async fn a_flood_of_large_requests_keeps_memory_within_the_queue_byte_bound() {
         "{answered} answered, {reported} reported"
     );
     // Full speed again.
-    c.publish(&crops, 1, raw("after")).await;
-    let (got, _) = collect_results(
-        &mut c,
-        &results,
-        &errors,
-        &["after"],
-        Duration::from_secs(20),
-    )
-    .await;
-    assert_eq!(got.len(), 1);
+    answered_once(&mut c, &crops, &results, &errors, "after", raw("after")).await;
     drop(agent);
 }
 

@@ -738,46 +738,41 @@ fn infer_loop(
             }
         }
         if batcher.next_batch(now, &mut batch) == 0 {
+            // No batch due: an embedding job if one waits, else sleep
+            // until crops, a job or the linger's deadline.
+            let mut job = None;
             if jobs_open {
                 match jobs.try_recv() {
-                    Ok(job) => {
-                        let _busy = beat.busy();
-                        run_embed_job(
-                            job,
-                            &mut engine,
-                            &normalizer,
-                            &mut tensor,
-                            &mut job_out,
-                            max_batch,
-                        );
-                        continue;
-                    }
+                    Ok(j) => job = Some(j),
                     Err(TryRecvError::Disconnected) => jobs_open = false,
                     Err(TryRecvError::Empty) => {}
                 }
             }
-            if !crops_open && batcher.is_empty() {
-                return;
+            if job.is_none() {
+                if !crops_open && batcher.is_empty() {
+                    return;
+                }
+                match wait(&rx, jobs_open.then_some(&jobs), batcher.deadline()) {
+                    Wake::Unit(unit) => batcher.push(unit, Instant::now()),
+                    Wake::Embed(j) => job = Some(j),
+                    Wake::CropsClosed => {
+                        crops_open = false;
+                        batcher.close();
+                    }
+                    Wake::JobsClosed => jobs_open = false,
+                    Wake::Deadline => {}
+                }
             }
-            match wait(&rx, jobs_open.then_some(&jobs), batcher.deadline()) {
-                Wake::Unit(unit) => batcher.push(unit, Instant::now()),
-                Wake::Embed(job) => {
-                    let _busy = beat.busy();
-                    run_embed_job(
-                        job,
-                        &mut engine,
-                        &normalizer,
-                        &mut tensor,
-                        &mut job_out,
-                        max_batch,
-                    )
-                }
-                Wake::CropsClosed => {
-                    crops_open = false;
-                    batcher.close();
-                }
-                Wake::JobsClosed => jobs_open = false,
-                Wake::Deadline => {}
+            if let Some(job) = job {
+                let _busy = beat.busy();
+                run_embed_job(
+                    job,
+                    &mut engine,
+                    &normalizer,
+                    &mut tensor,
+                    &mut job_out,
+                    max_batch,
+                );
             }
             continue;
         }
