@@ -12,3 +12,6 @@ cargo fmt --all -- --check
 # fault-injection: the supervision tests wedge and crash parts of the agent
 # (src/fault.rs); release builds and packages never have it.
 cargo test --features fault-injection
+# The fuzz targets (fuzz/, nightly Rust) must keep building; running them is
+# ./scripts/fuzz.sh run TARGET.
+./scripts/fuzz.sh check

@@ -76,14 +76,15 @@ impl UpdateReceiver {
     }
 
     fn refused(&self, r: Refusal) -> Outcome {
+        // Bounded whatever the reason quotes, so the ack fits a packet.
+        let reason = crate::protocol::bounded_text(r.reason);
         warn!(
             update_id = r.update_id.as_deref().unwrap_or("-"),
             status = r.status.as_str(),
-            "update not applied: {}",
-            r.reason
+            "update not applied: {reason}"
         );
         Outcome::Ack {
-            ack: ack_of(self.refdb.meta(), r.update_id, r.status, Some(r.reason)),
+            ack: ack_of(self.refdb.meta(), r.update_id, r.status, Some(reason)),
             changed: false,
         }
     }

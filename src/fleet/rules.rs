@@ -90,7 +90,7 @@ pub fn screen(
                 return refuse(
                     None,
                     UpdateStatus::Rejected,
-                    format!("not a SignedUpdate: {e}"),
+                    protocol::bounded_text(format!("not a SignedUpdate: {e}")),
                 )
             }
         };
@@ -102,11 +102,13 @@ pub fn screen(
     let update: RefUpdate = match rmp_serde::from_slice(body) {
         Ok(u) => u,
         Err(e) => {
+            // The decoder's message may quote the body (an unknown op's
+            // name, in full): bounded, so the ack fits a packet.
             return refuse(
                 peek_update_id(body),
                 UpdateStatus::Rejected,
-                format!("body is not a MessagePack RefUpdate: {e}"),
-            )
+                protocol::bounded_text(format!("body is not a MessagePack RefUpdate: {e}")),
+            );
         }
     };
     if update.update_id.is_empty() || update.update_id.len() > MAX_ID_BYTES {

@@ -1,0 +1,4 @@
+//! cargo-fuzz target: see retail_agent_fuzz::crop_request for what it drives and checks.
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| retail_agent_fuzz::crop_request::run(data));
