@@ -1,11 +1,15 @@
 //! `retail-agent demo`: the whole agent in one process, on embedded data.
 //!
-//! Starts an MQTT broker (rumqttd) on a free loopback port, writes the
-//! bundled test model to a temporary directory, enrols the synthetic
-//! product references, runs the agent, publishes sample crop requests as a
-//! checkout client would (JSON and MessagePack, encoded crops, raw pixels,
-//! a frame with boxes, bad inputs), prints each recognition and a latency
-//! table, and stops the agent gracefully. Nothing here is used by `run`.
+//! Starts an MQTT broker (rumqttd) on a free loopback port (or uses the
+//! broker given with `--host`/`--port`), writes the bundled test model to a
+//! temporary directory, enrols the synthetic product references, runs the
+//! agent, publishes sample crop requests as a checkout client would (JSON
+//! and MessagePack, encoded crops, raw pixels, a frame with boxes, bad
+//! inputs), prints each recognition and a latency table, and stops the agent
+//! gracefully. Nothing here is used by `run`.
+//!
+//! The in-process broker is the `demo-broker` cargo feature (on by default;
+//! the Debian packages are built without it).
 
 use std::collections::BTreeMap;
 use std::io::Cursor;
@@ -66,6 +70,7 @@ pub fn free_port() -> anyhow::Result<u16> {
 }
 
 /// Starts an in-process MQTT broker on `127.0.0.1:port` (runs until exit).
+#[cfg(feature = "demo-broker")]
 pub fn start_broker(port: u16) -> anyhow::Result<()> {
     let text = format!(
         r#"id = 0
@@ -103,6 +108,16 @@ dynamic_filters = true
         std::thread::sleep(Duration::from_millis(20));
     }
     Ok(())
+}
+
+/// Without the `demo-broker` feature there is no in-process broker.
+#[cfg(not(feature = "demo-broker"))]
+pub fn start_broker(_port: u16) -> anyhow::Result<()> {
+    bail!(
+        "this build of retail-agent has no embedded MQTT broker (built without the \
+         `demo-broker` feature, as the Debian packages are); run the demo against a \
+         broker instead: retail-agent demo --host HOST --port PORT"
+    )
 }
 
 /// A demo request and what it should come back as.
@@ -254,14 +269,21 @@ fn samples() -> anyhow::Result<Vec<Sample>> {
     Ok(out)
 }
 
-/// Runs the demo; returns an error if any answer is missing or malformed.
-pub async fn run(verbose: bool) -> anyhow::Result<()> {
+/// Runs the demo against `broker` (host, port), or an in-process broker
+/// when `None`; returns an error if any answer is missing or malformed.
+pub async fn run(verbose: bool, broker: Option<(String, u16)>) -> anyhow::Result<()> {
+    let (host, port, where_) = match broker {
+        Some((host, port)) => (host, port, "external"),
+        None => {
+            let port = free_port()?;
+            start_broker(port)?;
+            ("127.0.0.1".to_string(), port, "in-process")
+        }
+    };
     let dir = tempfile::tempdir().context("creating a temporary directory")?;
-    let port = free_port()?;
-    start_broker(port)?;
     let manifest = write_test_model(&dir.path().join("models"))?;
     let config_text = format!(
-        "device_id = \"demo-agent\"\nfleet = \"demo\"\nstate_dir = {state:?}\n[model]\nmanifest = {manifest:?}\n[runtime]\nexecution_providers = [\"cpu\"]\n[bus]\nport = {port}\n[pipeline]\nmax_batch = 8\n[log]\nfilter = \"{filter}\"\n",
+        "device_id = \"demo-agent\"\nfleet = \"demo\"\nstate_dir = {state:?}\n[model]\nmanifest = {manifest:?}\n[runtime]\nexecution_providers = [\"cpu\"]\n[bus]\nhost = {host:?}\nport = {port}\n[pipeline]\nmax_batch = 8\n[log]\nfilter = \"{filter}\"\n",
         state = dir.path().join("state").display().to_string(),
         manifest = manifest.display().to_string(),
         filter = if verbose { "info" } else { "warn,rumqttd=off" },
@@ -271,7 +293,7 @@ pub async fn run(verbose: bool) -> anyhow::Result<()> {
     let cfg = LoadedConfig::load(&config_path)?;
     crate::logging::init(&cfg.config.log.filter, false);
     println!(
-        "retail-agent demo: broker on 127.0.0.1:{port}, state in {}",
+        "retail-agent demo: {where_} broker on {host}:{port}, state in {}",
         dir.path().display()
     );
 
@@ -293,12 +315,12 @@ pub async fn run(verbose: bool) -> anyhow::Result<()> {
 
     let agent = Agent::start(cfg.clone()).await?;
     if !agent.wait_connected(Duration::from_secs(10)).await {
-        bail!("the agent did not connect to the demo broker");
+        bail!("the agent did not connect to the broker on {host}:{port}");
     }
     let topics = agent.topics().clone();
 
     // The checkout client.
-    let mut opts = MqttOptions::new("demo-checkout-client", "127.0.0.1", port);
+    let mut opts = MqttOptions::new("demo-checkout-client", host.as_str(), port);
     opts.set_max_packet_size(16 << 20, 16 << 20);
     opts.set_keep_alive(Duration::from_secs(30));
     let (client, mut events) = AsyncClient::new(opts, 256);

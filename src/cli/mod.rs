@@ -51,6 +51,13 @@ pub enum Command {
         /// Show the agent's log (info level).
         #[arg(long)]
         verbose: bool,
+        /// Use the MQTT broker on this host instead of an in-process one
+        /// (builds without the `demo-broker` feature need it or --port).
+        #[arg(long)]
+        host: Option<String>,
+        /// Port of that broker [default: 1883].
+        #[arg(long)]
+        port: Option<u16>,
     },
     /// Run the agent: serve the MQTT contract until SIGTERM/SIGINT.
     Run {
@@ -197,7 +204,19 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 
 fn run_command(command: Command) -> anyhow::Result<()> {
     match command {
-        Command::Demo { verbose } => tokio_runtime()?.block_on(crate::demo::run(verbose)),
+        Command::Demo {
+            verbose,
+            host,
+            port,
+        } => {
+            let broker = (host.is_some() || port.is_some()).then(|| {
+                (
+                    host.unwrap_or_else(|| "127.0.0.1".into()),
+                    port.unwrap_or(1883),
+                )
+            });
+            tokio_runtime()?.block_on(crate::demo::run(verbose, broker))
+        }
         Command::Run { config } => {
             let cfg = load_config(&config)?;
             let budget = crate::pipeline::budget::ThreadBudget::for_this_machine(
