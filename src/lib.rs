@@ -7,6 +7,7 @@
 //! (index, search) → `bus` (results), with `config`, `manifest`, `metrics`
 //! and `cli` around it.
 
+pub mod bench;
 pub mod bus;
 pub mod cli;
 pub mod clock;

@@ -3,6 +3,7 @@
 //! Each command lives in its own file and turns errors into one clear line
 //! on stderr and a non-zero exit status.
 
+mod bench;
 mod calibrate;
 mod db;
 mod enroll;
@@ -158,6 +159,12 @@ pub enum Command {
         #[command(subcommand)]
         action: fleet::FleetAction,
     },
+    /// Measure this machine: raw inference, per-crop stage costs, the
+    /// offline pipeline, search against a GEMM, memory and start-up, and
+    /// the agent end to end through a broker it starts; prints the figures
+    /// and the performance targets with PASS/MISS. Takes about 3 minutes
+    /// on 2 cores with the bundled test model (--quick: well under one).
+    Bench(bench::BenchArgs),
     /// Validate a config file and print the effective configuration (secrets masked).
     CheckConfig {
         #[command(flatten)]
@@ -309,6 +316,7 @@ fn run_command(command: Command) -> anyhow::Result<()> {
             );
             Ok(())
         }
+        Command::Bench(args) => bench::run(args),
         Command::Fleet { action } => fleet::run(action).map(|_| ()),
     }
 }

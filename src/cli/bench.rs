@@ -1,0 +1,103 @@
+//! `retail-agent bench`: runs the measurements of [`crate::bench`] with
+//! the model, runtime and pipeline settings of a config file and prints
+//! them as tables (or one JSON object) with the performance targets.
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Args, ValueEnum};
+
+use super::ConfigArg;
+use crate::bench::{BenchOptions, Section};
+use crate::config::LoadedConfig;
+
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    #[command(flatten)]
+    pub config: ConfigArg,
+    /// Print the figures and the targets as one JSON object (progress goes
+    /// to stderr).
+    #[arg(long)]
+    pub json: bool,
+    /// Much shorter measurements (well under a minute): every figure, but
+    /// noisier; for smoke tests.
+    #[arg(long)]
+    pub quick: bool,
+    /// Sweep pipeline.max_batch {1,4,8,16} x pipeline.max_delay_ms {0,2,5}
+    /// end to end. Alone, it runs only the sweep; with --sections, those
+    /// sections too.
+    #[arg(long)]
+    pub sweep: bool,
+    /// Sections to run, comma-separated (default: all).
+    #[arg(long, value_delimiter = ',', value_enum)]
+    pub sections: Option<Vec<SectionArg>>,
+    /// Bench this model manifest instead of the config's model.manifest
+    /// (e.g. target/bench-model/retail-bench.toml, made by
+    /// scripts/gen_bench_model.py).
+    #[arg(long)]
+    pub model_manifest: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum SectionArg {
+    /// ONNX Runtime alone at batch 1, 4, 8, 16.
+    Inference,
+    /// Per-crop decode, resize+normalise and search costs.
+    Stages,
+    /// The pipeline without MQTT, per thread split.
+    Pipeline,
+    /// Search against sgemm; the f16 reference matrix.
+    Search,
+    /// Reference matrices; the agent's memory and start-up with 31,500 references.
+    Memory,
+    /// The agent binary through a broker: throughput and latency.
+    EndToEnd,
+}
+
+impl From<SectionArg> for Section {
+    fn from(s: SectionArg) -> Self {
+        match s {
+            SectionArg::Inference => Section::Inference,
+            SectionArg::Stages => Section::Stages,
+            SectionArg::Pipeline => Section::Pipeline,
+            SectionArg::Search => Section::Search,
+            SectionArg::Memory => Section::Memory,
+            SectionArg::EndToEnd => Section::EndToEnd,
+        }
+    }
+}
+
+pub fn run(args: BenchArgs) -> anyhow::Result<()> {
+    let mut cfg = LoadedConfig::load(&args.config.config)
+        .with_context(|| format!("loading config {}", args.config.config.display()))?;
+    // The bench's own messages are its progress lines; the agent's
+    // warnings still show (RUST_LOG wins).
+    crate::logging::init("warn", false);
+    if let Some(manifest) = &args.model_manifest {
+        cfg.config.model.manifest = std::path::absolute(manifest)
+            .with_context(|| format!("--model-manifest {}", manifest.display()))?;
+    }
+    let sections: BTreeSet<Section> = match &args.sections {
+        Some(chosen) => chosen.iter().copied().map(Section::from).collect(),
+        None if args.sweep => BTreeSet::new(),
+        None => Section::ALL.into_iter().collect(),
+    };
+    let options = BenchOptions {
+        sections,
+        sweep: args.sweep,
+        quick: args.quick,
+        agent_binary: std::env::current_exe()
+            .context("finding this binary (it runs the agent under test)")?,
+    };
+    let started = std::time::Instant::now();
+    let progress =
+        |what: &str| eprintln!("bench [{:>6.1} s]: {what}", started.elapsed().as_secs_f64());
+    let report = crate::bench::run(cfg, &options, &progress)?;
+    if args.json {
+        println!("{}", report.to_json());
+    } else {
+        print!("{}", report.to_text());
+    }
+    Ok(())
+}
