@@ -278,7 +278,8 @@ mod tests {
         let queries = [1.0, 2.0, 0.0, 1.0]; // 2 queries
         let mut scores = [0f32; 6];
         gemm(&refs, 2, &queries, &mut scores).expect("shapes fit");
-        assert_eq!(scores, [1.0, 4.0, -1.0, 0.0, 0.5, -1.0]);
+        // Query-major: (1,2)·each ref, then (0,1)·each ref.
+        assert_eq!(scores, [1.0, 3.0, -1.0, 0.0, 0.5, -1.0]);
         assert!(gemm(&refs, 4, &queries, &mut scores).is_err());
     }
 
@@ -303,8 +304,16 @@ mod tests {
         let (queries, _) = set.queries(3, 4);
         let batch = search_queries(&index, &queries, 2, 0.0);
         assert_eq!(batch.len(), 3);
+        // The batch scores by GEMM, one query by dot products: the same
+        // ranking, similarities equal to float rounding.
         for (q, r) in queries.chunks_exact(16).zip(&batch) {
-            assert_eq!(&index.search(q, 2, 0.0), r);
+            let one = index.search(q, 2, 0.0);
+            assert_eq!(one.label, r.label);
+            assert_eq!(one.candidates.len(), r.candidates.len());
+            for (a, b) in one.candidates.iter().zip(&r.candidates) {
+                assert_eq!((&a.label, &a.ref_id), (&b.label, &b.ref_id));
+                assert!((a.similarity - b.similarity).abs() < 1e-5, "{a:?} {b:?}");
+            }
         }
     }
 }

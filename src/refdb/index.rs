@@ -280,9 +280,9 @@ impl Index {
     pub fn search_batch(&self, queries: &[f32], top_k: usize, threshold: f32) -> Vec<Recognition> {
         let dim = self.dim.max(1);
         let n = queries.len() / dim;
-        let (m, row_label): (usize, &dyn Fn(usize) -> (u32, u32)) = match &self.prototypes {
-            None => (self.rows.len(), &|j| (self.rows[j].label, j as u32)),
-            Some(p) => (p.labels.len(), &|j| (p.labels[j], p.representative[j])),
+        let m = match &self.prototypes {
+            None => self.rows.len(),
+            Some(p) => p.labels.len(),
         };
         SCRATCH.with(|cell| {
             let mut scratch = cell.borrow_mut();
@@ -295,11 +295,25 @@ impl Index {
                 .map(|q| {
                     best.clear();
                     best.resize(self.labels.len(), (f32::NEG_INFINITY, u32::MAX));
-                    for (j, &s) in scores[q * m..(q + 1) * m].iter().enumerate() {
-                        let (label, row) = row_label(j);
+                    let row_scores = &scores[q * m..(q + 1) * m];
+                    let mut keep = |s: f32, label: u32, row: u32| {
                         let slot = &mut best[label as usize];
                         if s > slot.0 {
                             *slot = (s, row);
+                        }
+                    };
+                    match &self.prototypes {
+                        None => {
+                            for (j, (&s, r)) in row_scores.iter().zip(&self.rows).enumerate() {
+                                keep(s, r.label, j as u32);
+                            }
+                        }
+                        Some(p) => {
+                            for ((&s, &label), &row) in
+                                row_scores.iter().zip(&p.labels).zip(&p.representative)
+                            {
+                                keep(s, label, row);
+                            }
                         }
                     }
                     self.finish(&best, top_k, threshold)
@@ -344,7 +358,15 @@ impl Index {
     /// The recognition from the best (similarity, row) per label.
     fn finish(&self, best: &[(f32, u32)], top_k: usize, threshold: f32) -> Recognition {
         let mut order: Vec<usize> = (0..best.len()).filter(|&l| best[l].1 != u32::MAX).collect();
-        order.sort_by(|&a, &b| best[b].0.total_cmp(&best[a].0).then(a.cmp(&b)));
+        // Best first, ties by label index: a total order, so selecting the
+        // first `keep` and sorting only those gives what a full sort would.
+        let by_score = |a: &usize, b: &usize| best[*b].0.total_cmp(&best[*a].0).then(a.cmp(b));
+        let keep = top_k.max(1);
+        if order.len() > keep {
+            order.select_nth_unstable_by(keep - 1, by_score);
+            order.truncate(keep);
+        }
+        order.sort_by(by_score);
         let Some(&top) = order.first() else {
             return Recognition {
                 decision: Decision::Unknown,

@@ -247,6 +247,20 @@ pub struct RefDb {
 /// used as it is.
 struct Swappable<T>(RwLock<Arc<T>>);
 
+/// Hands the heap memory freed while a snapshot was built (every stored
+/// reference read back, the vectors gathered, the previous snapshot once
+/// its last reader is done) back to the system. glibc keeps freed pages in
+/// its per-thread arenas otherwise: loading 31,500 references left two full
+/// 64 MiB arenas resident in an agent that no longer used them.
+fn release_freed_heap() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only returns free memory to the system; it is
+    // thread-safe and touches no memory in use.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 impl<T> Swappable<T> {
     fn new(value: T) -> Self {
         Self(RwLock::new(Arc::new(value)))
@@ -338,13 +352,15 @@ impl RefDb {
                 corrupt: false,
             })
         })?;
-        Ok(Self {
+        let db = Self {
             store: Swappable::new(store),
             dir: dir.to_path_buf(),
             settings,
             current: Swappable::new(snapshot),
             writer: Mutex::new(()),
-        })
+        };
+        release_freed_heap();
+        Ok(db)
     }
 
     /// The live store (briefly shared; replaced on a whole-content change).
@@ -623,6 +639,7 @@ impl RefDb {
             tracing::warn!("cannot update the reference DB's seal: {e}");
         }
         self.current.set(snapshot);
+        release_freed_heap();
         Ok(Ok(meta))
     }
 }
