@@ -92,14 +92,20 @@ impl BenchError {
 }
 
 /// The parts of a run, in the order they run.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "snake_case")]
 pub enum Section {
+    /// ONNX Runtime alone at batch 1, 4, 8, 16.
     Inference,
+    /// Per-crop decode, resize+normalise and search costs.
     Stages,
+    /// The pipeline without MQTT, per thread split.
     Pipeline,
+    /// Search against sgemm; the f16 reference matrix.
     Search,
+    /// Reference matrices; the agent's memory and start-up with 31,500 references.
     Memory,
+    /// The agent binary through a broker: throughput and latency.
     EndToEnd,
 }
 

@@ -6,7 +6,7 @@ use std::collections::BTreeSet;
 use std::path::PathBuf;
 
 use anyhow::Context;
-use clap::{Args, ValueEnum};
+use clap::Args;
 
 use super::ConfigArg;
 use crate::bench::{BenchOptions, Section};
@@ -31,41 +31,12 @@ pub struct BenchArgs {
     pub sweep: bool,
     /// Sections to run, comma-separated (default: all).
     #[arg(long, value_delimiter = ',', value_enum)]
-    pub sections: Option<Vec<SectionArg>>,
+    pub sections: Option<Vec<Section>>,
     /// Bench this model manifest instead of the config's model.manifest
     /// (e.g. target/bench-model/retail-bench.toml, made by
     /// scripts/gen_bench_model.py).
     #[arg(long)]
     pub model_manifest: Option<PathBuf>,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum SectionArg {
-    /// ONNX Runtime alone at batch 1, 4, 8, 16.
-    Inference,
-    /// Per-crop decode, resize+normalise and search costs.
-    Stages,
-    /// The pipeline without MQTT, per thread split.
-    Pipeline,
-    /// Search against sgemm; the f16 reference matrix.
-    Search,
-    /// Reference matrices; the agent's memory and start-up with 31,500 references.
-    Memory,
-    /// The agent binary through a broker: throughput and latency.
-    EndToEnd,
-}
-
-impl From<SectionArg> for Section {
-    fn from(s: SectionArg) -> Self {
-        match s {
-            SectionArg::Inference => Section::Inference,
-            SectionArg::Stages => Section::Stages,
-            SectionArg::Pipeline => Section::Pipeline,
-            SectionArg::Search => Section::Search,
-            SectionArg::Memory => Section::Memory,
-            SectionArg::EndToEnd => Section::EndToEnd,
-        }
-    }
 }
 
 pub fn run(args: BenchArgs) -> anyhow::Result<()> {
@@ -79,7 +50,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             .with_context(|| format!("--model-manifest {}", manifest.display()))?;
     }
     let sections: BTreeSet<Section> = match &args.sections {
-        Some(chosen) => chosen.iter().copied().map(Section::from).collect(),
+        Some(chosen) => chosen.iter().copied().collect(),
         None if args.sweep => BTreeSet::new(),
         None => Section::ALL.into_iter().collect(),
     };

@@ -162,8 +162,8 @@ pub enum Command {
     /// Measure this machine: raw inference, per-crop stage costs, the
     /// offline pipeline, search against a GEMM, memory and start-up, and
     /// the agent end to end through a broker it starts; prints the figures
-    /// and the performance targets with PASS/MISS. Takes about 3 minutes
-    /// on 2 cores with the bundled test model (--quick: well under one).
+    /// and the performance targets with PASS/MISS. Takes about 75 s
+    /// on 2 cores with the bundled test model (--quick: well under a minute).
     Bench(bench::BenchArgs),
     /// Validate a config file and print the effective configuration (secrets masked).
     CheckConfig {
