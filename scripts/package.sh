@@ -70,7 +70,10 @@ else
     SOURCE_DATE_EPOCH="${SOURCE_DATE_EPOCH:-$(date +%s)}"
     COMMIT="unknown"
 fi
-export SOURCE_DATE_EPOCH
+# Not exported: only the package's timestamps take it (touch, dpkg-deb
+# below). Exported, it would reach the cargo build, where ring's build
+# script reruns when it changes: every commit would rebuild ring and all
+# that depends on it, defeating CI's cached arm64 target directory.
 WORK="$(mktemp -d "${TMPDIR:-/tmp}/retail-agent-deb.XXXXXX")"
 trap 'rm -rf "$WORK"' EXIT
 
@@ -256,7 +259,7 @@ EOF
 
     mkdir -p "$OUT_DIR"
     deb="$OUT_DIR/retail-agent_${DEB_VERSION}_${arch}.deb"
-    dpkg-deb --root-owner-group -Zxz --build "$root" "$deb" >/dev/null
+    SOURCE_DATE_EPOCH="$SOURCE_DATE_EPOCH" dpkg-deb --root-owner-group -Zxz --build "$root" "$deb" >/dev/null
     echo "==> $arch: $deb ($(du -k "$deb" | cut -f1) KiB; installed $size KiB)"
 }
 
