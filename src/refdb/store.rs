@@ -373,7 +373,7 @@ impl Store {
                 let _ = d.sync_all();
             }
         }
-        match Store::open(dir, cache_mb) {
+        match open_after_build(dir, cache_mb) {
             Ok(store) => Ok(store),
             Err(e) => {
                 // Put the old DB back; it is still whole.
@@ -512,3 +512,25 @@ fn ref_key(ref_id: &str) -> Vec<u8> {
 fn update_key(update_id: &str) -> Vec<u8> {
     [UPDATE_PREFIX, update_id.as_bytes()].concat()
 }
+
+/// Opens the DB just built by [`Store::build_fresh`] and swapped into
+/// `dir`. The builder's handle is dropped by then, but sled's background
+/// flusher thread holds the DB (and its file lock) until it next wakes and
+/// sees that: on a loaded machine that can take a while, and an immediate
+/// open then fails as `InUse` (seen once with 50 agents on 2 cores). No
+/// other process can hold a directory that has just been swapped in, so
+/// `InUse` is retried for up to [`RELOCK_WAIT`].
+fn open_after_build(dir: &Path, cache_mb: u64) -> Result<Store, StoreError> {
+    let deadline = std::time::Instant::now() + RELOCK_WAIT;
+    loop {
+        match Store::open(dir, cache_mb) {
+            Err(StoreError::InUse { .. }) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            other => return other,
+        }
+    }
+}
+
+/// How long [`open_after_build`] waits for the builder's flusher thread.
+const RELOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
