@@ -534,3 +534,26 @@ fn open_after_build(dir: &Path, cache_mb: u64) -> Result<Store, StoreError> {
 
 /// How long [`open_after_build`] waits for the builder's flusher thread.
 const RELOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_just_built_db_opens_once_its_last_handle_lets_go_of_the_lock() {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let held = Store::open(dir.path(), 1).expect("a fresh DB opens");
+        // While a handle is alive the lock is taken, even in this process.
+        assert!(matches!(
+            Store::open(dir.path(), 1),
+            Err(StoreError::InUse { .. })
+        ));
+        let release = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(300));
+            drop(held);
+        });
+        let reopened = open_after_build(dir.path(), 1);
+        release.join().expect("the releasing thread ends");
+        assert!(reopened.is_ok(), "{:?}", reopened.err());
+    }
+}
