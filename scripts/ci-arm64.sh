@@ -8,7 +8,8 @@
 # ONNX Runtime from PyPI's wheel and dpkg install/remove/purge.
 # In CI (CI=true) the arm64 build keeps its target directory between runs
 # in ~/.cache/retail-agent/ci-target (RETAIL_AGENT_CI_TARGET overrides), so
-# a run compiles only what changed; the ONNX Runtime download is cached
+# a run compiles only what changed; zig and cargo-zigbuild (whose path
+# reaches cargo's fingerprints) and the ONNX Runtime download are kept
 # beside it.
 set -euo pipefail
 source "$(dirname "$0")/env.sh"
@@ -26,7 +27,8 @@ if [ "${CI:-}" = true ] && [ -z "${CARGO_TARGET_DIR:-}" ]; then
             rm -rf "$CARGO_TARGET_DIR"
         fi
     fi
-    echo "==> arm64 build cache: $CARGO_TARGET_DIR"
+    export RETAIL_AGENT_TOOLS_VENV="${RETAIL_AGENT_TOOLS_VENV:-$(dirname "$CARGO_TARGET_DIR")/tools-venv}"
+    echo "==> arm64 build cache: $CARGO_TARGET_DIR (zig and cargo-zigbuild: $RETAIL_AGENT_TOOLS_VENV)"
 fi
 ./scripts/package.sh --arch arm64 --profile ci-arm64
 version="$(sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -n 1)"

@@ -75,17 +75,25 @@ ensure_mosquitto() {
 
 ensure_zigbuild() {
     local target="$1"
-    if [ -x "$ROOT/.venv/bin/cargo-zigbuild" ]; then
-        export PATH="$ROOT/.venv/bin:$PATH"
+    # Where zig and cargo-zigbuild go: ./.venv, or RETAIL_AGENT_TOOLS_VENV
+    # (CI's arm64 step keeps them beside its cached target directory: the
+    # tools' path reaches the build's fingerprints, so a venv in each fresh
+    # clone would make cargo rebuild every dependency).
+    local venv="${RETAIL_AGENT_TOOLS_VENV:-$ROOT/.venv}"
+    if [ -x "$venv/bin/cargo-zigbuild" ]; then
+        export PATH="$venv/bin:$PATH"
     fi
     if ! command -v cargo-zigbuild >/dev/null 2>&1 \
         || ! { command -v zig >/dev/null 2>&1 || python3 -m ziglang version >/dev/null 2>&1; }; then
-        echo "==> installing zig $ZIGLANG_VERSION and cargo-zigbuild $CARGO_ZIGBUILD_VERSION (PyPI) into .venv" >&2
-        ensure_venv
-        "$ROOT/.venv/bin/pip" install -q --disable-pip-version-check \
+        echo "==> installing zig $ZIGLANG_VERSION and cargo-zigbuild $CARGO_ZIGBUILD_VERSION (PyPI) into $venv" >&2
+        if [ ! -x "$venv/bin/pip" ] && ! python3 -m venv "$venv" >/dev/null 2>&1; then
+            apt_install python3-venv
+            python3 -m venv "$venv"
+        fi
+        "$venv/bin/pip" install -q --disable-pip-version-check \
             "ziglang==$ZIGLANG_VERSION" "cargo-zigbuild==$CARGO_ZIGBUILD_VERSION"
         # cargo-zigbuild runs zig through `python3 -m ziglang`: the venv's.
-        export PATH="$ROOT/.venv/bin:$PATH"
+        export PATH="$venv/bin:$PATH"
     fi
     if ! rustup target list --installed | grep -qx "$target"; then
         rustup target add "$target" >/dev/null
