@@ -21,6 +21,7 @@ pub mod eval;
 pub mod fault;
 pub mod fleet;
 pub mod health;
+pub mod heap;
 pub mod logging;
 pub mod manifest;
 pub mod metrics;

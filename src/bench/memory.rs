@@ -20,9 +20,9 @@ use serde::Serialize;
 
 use super::end_to_end::{AgentUnderTest, Broker};
 use super::reference_sets::{ReferenceSet, DIMS, LABELS, REFS_PER_LABEL};
-use super::resident::release_free_memory;
 use super::search::{f32_matrix_bytes, set_seed};
 use super::{BenchError, BenchSetup, Resident};
+use crate::heap::release_free_memory;
 use crate::recognizer::refdb_settings;
 use crate::refdb::{Index, NewRef, RefDb, RefOp};
 

@@ -46,17 +46,6 @@ impl Resident {
     }
 }
 
-/// Gives the allocator's free memory back to the kernel, so that resident
-/// memory measured next counts only what is really in use (glibc keeps
-/// freed memory otherwise; elsewhere this does nothing).
-pub fn release_free_memory() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: malloc_trim only walks the allocator's own free lists.
-    unsafe {
-        libc::malloc_trim(0);
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

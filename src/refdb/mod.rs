@@ -247,20 +247,6 @@ pub struct RefDb {
 /// used as it is.
 struct Swappable<T>(RwLock<Arc<T>>);
 
-/// Hands the heap memory freed while a snapshot was built (every stored
-/// reference read back, the vectors gathered, the previous snapshot once
-/// its last reader is done) back to the system. glibc keeps freed pages in
-/// its per-thread arenas otherwise: loading 31,500 references left two full
-/// 64 MiB arenas resident in an agent that no longer used them.
-fn release_freed_heap() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: malloc_trim only returns free memory to the system; it is
-    // thread-safe and touches no memory in use.
-    unsafe {
-        libc::malloc_trim(0);
-    }
-}
-
 impl<T> Swappable<T> {
     fn new(value: T) -> Self {
         Self(RwLock::new(Arc::new(value)))
@@ -359,7 +345,9 @@ impl RefDb {
             current: Swappable::new(snapshot),
             writer: Mutex::new(()),
         };
-        release_freed_heap();
+        // Reading every stored reference back leaves tens of MiB freed in
+        // glibc's arenas (two full 64 MiB arenas with 31,500 references).
+        crate::heap::release_free_memory();
         Ok(db)
     }
 
@@ -639,7 +627,7 @@ impl RefDb {
             tracing::warn!("cannot update the reference DB's seal: {e}");
         }
         self.current.set(snapshot);
-        release_freed_heap();
+        crate::heap::release_free_memory();
         Ok(Ok(meta))
     }
 }
