@@ -515,9 +515,10 @@ fn update_key(update_id: &str) -> Vec<u8> {
 
 /// Opens the DB just built by [`Store::build_fresh`] and swapped into
 /// `dir`. The builder's handle is dropped by then, but sled's background
-/// flusher thread holds the DB (and its file lock) until it next wakes and
-/// sees that: on a loaded machine that can take a while, and an immediate
-/// open then fails as `InUse` (seen once with 50 agents on 2 cores). No
+/// work in this process (its flusher, its thread pool's tasks; which one
+/// was not established) can still hold the DB and its file lock for a
+/// while on a loaded machine, and an immediate open then fails as `InUse`
+/// (seen once with 50 agents on 2 cores). No
 /// other process can hold a directory that has just been swapped in, so
 /// `InUse` is retried for up to [`RELOCK_WAIT`].
 fn open_after_build(dir: &Path, cache_mb: u64) -> Result<Store, StoreError> {
@@ -532,7 +533,7 @@ fn open_after_build(dir: &Path, cache_mb: u64) -> Result<Store, StoreError> {
     }
 }
 
-/// How long [`open_after_build`] waits for the builder's flusher thread.
+/// How long [`open_after_build`] waits for the builder's handle to let go.
 const RELOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
 #[cfg(test)]
