@@ -2,9 +2,11 @@
 //! types, the encoding detection, and JSON/MessagePack (de)serialisation.
 //!
 //! Binary fields are MessagePack `bin` or, in JSON, standard base64 strings;
-//! [`Bytes`] reads both and writes whichever the target format calls for.
+//! [`Bytes`] (owned) and [`Binary`] (borrowed from a MessagePack payload,
+//! for crops) read both and write whichever the target format calls for.
 //! Owns no I/O and no behaviour beyond checking a message's shape.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 
 use serde::de::{self, Deserializer, Visitor};
@@ -80,7 +82,8 @@ pub fn detect_encoding(payload: &[u8]) -> Result<Encoding, ProtocolError> {
     }
 }
 
-/// Decodes `payload` in the given encoding.
+/// Decodes `payload` in the given encoding. Binary fields of types that
+/// borrow ([`Binary`]) point into `payload` when it is MessagePack.
 pub fn decode<'a, T: Deserialize<'a>>(
     payload: &'a [u8],
     encoding: Encoding,
@@ -95,18 +98,79 @@ pub fn decode<'a, T: Deserialize<'a>>(
                 encoding: "MessagePack",
                 message,
             };
-            let mut rd: &[u8] = payload;
-            let mut de = rmp_serde::Deserializer::new(&mut rd);
+            // The first value's extent bounds what the (borrowing) reader
+            // sees; as JSON does, nothing may follow it. A payload cut
+            // short is left to the reader, which says where it ends.
+            let extent = msgpack_value_len(payload);
+            let value_bytes = extent.map_or(payload, |len| &payload[..len]);
+            let mut de = rmp_serde::Deserializer::from_read_ref(value_bytes);
             let value = T::deserialize(&mut de).map_err(|e| malformed(e.to_string()))?;
-            drop(de);
-            // As JSON does: one value, nothing after it.
-            let rest = rd.len();
-            if rest > 0 {
-                return Err(malformed(format!("{rest} bytes after the end of the map")));
+            match extent {
+                Some(len) if len < payload.len() => Err(malformed(format!(
+                    "{} bytes after the end of the map",
+                    payload.len() - len
+                ))),
+                Some(_) => Ok(value),
+                None => Err(malformed("the payload ends inside a value".into())),
             }
-            Ok(value)
         }
     }
+}
+
+/// Length in bytes of the MessagePack value at the start of `bytes`, found
+/// by walking its markers (bin, str and ext contents are skipped, not read);
+/// `None` if `bytes` ends before the value does or holds a reserved marker.
+/// Iterative, so nesting costs no stack.
+fn msgpack_value_len(bytes: &[u8]) -> Option<usize> {
+    fn be(bytes: &[u8], at: usize, n: usize) -> Option<u64> {
+        let b = bytes.get(at..at.checked_add(n)?)?;
+        Some(b.iter().fold(0u64, |acc, &x| acc << 8 | u64::from(x)))
+    }
+    let mut pos = 0usize;
+    // Values still to walk; maps count two per entry.
+    let mut pending: u64 = 1;
+    while pending > 0 {
+        pending -= 1;
+        let marker = *bytes.get(pos)?;
+        pos += 1;
+        // (bytes of a length or value that follow, bytes of content or
+        // None when those bytes are the length, values it contains)
+        let (skip, children): (u64, u64) = match marker {
+            0x00..=0x7f | 0xe0..=0xff | 0xc0 | 0xc2 | 0xc3 => (0, 0),
+            0x80..=0x8f => (0, 2 * u64::from(marker & 0x0f)),
+            0x90..=0x9f => (0, u64::from(marker & 0x0f)),
+            0xa0..=0xbf => (u64::from(marker & 0x1f), 0),
+            0xcc | 0xd0 => (1, 0),
+            0xcd | 0xd1 => (2, 0),
+            0xca | 0xce | 0xd2 => (4, 0),
+            0xcb | 0xcf | 0xd3 => (8, 0),
+            0xd4 => (2, 0),
+            0xd5 => (3, 0),
+            0xd6 => (5, 0),
+            0xd7 => (9, 0),
+            0xd8 => (17, 0),
+            // bin 8/16/32 and str 8/16/32: a length, then that many bytes.
+            0xc4 | 0xd9 => (1 + be(bytes, pos, 1)?, 0),
+            0xc5 | 0xda => (2 + be(bytes, pos, 2)?, 0),
+            0xc6 | 0xdb => (4 + be(bytes, pos, 4)?, 0),
+            // ext 8/16/32: a length, a type byte, then the data.
+            0xc7 => (2 + be(bytes, pos, 1)?, 0),
+            0xc8 => (3 + be(bytes, pos, 2)?, 0),
+            0xc9 => (5 + be(bytes, pos, 4)?, 0),
+            0xdc => (2, be(bytes, pos, 2)?),
+            0xdd => (4, be(bytes, pos, 4)?),
+            0xde => (2, 2 * be(bytes, pos, 2)?),
+            0xdf => (4, 2 * be(bytes, pos, 4)?),
+            // 0xc1 is never used.
+            0xc1 => return None,
+        };
+        pos = pos.checked_add(usize::try_from(skip).ok()?)?;
+        if pos > bytes.len() {
+            return None;
+        }
+        pending = pending.checked_add(children)?;
+    }
+    Some(pos)
 }
 
 /// Encodes `value`: JSON, or MessagePack as a map with string keys.
@@ -122,7 +186,9 @@ pub fn encode<T: Serialize>(value: &T, encoding: Encoding) -> Vec<u8> {
     })
 }
 
-/// Binary data: MessagePack `bin` on the wire, base64 in JSON.
+/// Binary data: MessagePack `bin` on the wire, base64 in JSON. Owned; for
+/// what the agent writes and for updates it keeps. See [`Binary`] for the
+/// borrowing form crops are read as.
 #[derive(Clone, PartialEq, Eq, Default)]
 pub struct Bytes(pub Vec<u8>);
 
@@ -134,6 +200,37 @@ impl std::fmt::Debug for Bytes {
 
 impl Serialize for Bytes {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        Binary(Cow::Borrowed(&self.0)).serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for Bytes {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Binary::deserialize(d).map(|b| Bytes(b.0.into_owned()))
+    }
+}
+
+/// Binary data as read: borrowed from the payload where the format allows
+/// (MessagePack `bin`, read by [`decode`]), owned where it must be decoded
+/// (base64 in JSON). A crop's image or pixels are thus never copied before
+/// they are decoded.
+#[derive(Clone, PartialEq, Eq, Default)]
+pub struct Binary<'a>(pub Cow<'a, [u8]>);
+
+impl Binary<'_> {
+    pub fn as_slice(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Binary<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Binary({} bytes)", self.0.len())
+    }
+}
+
+impl Serialize for Binary<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         if s.is_human_readable() {
             use base64::Engine;
             s.serialize_str(&base64::engine::general_purpose::STANDARD.encode(&self.0))
@@ -143,25 +240,28 @@ impl Serialize for Bytes {
     }
 }
 
-impl<'de> Deserialize<'de> for Bytes {
+impl<'de: 'a, 'a> Deserialize<'de> for Binary<'a> {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         struct V;
         impl<'de> Visitor<'de> for V {
-            type Value = Bytes;
+            type Value = Binary<'de>;
             fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
                 f.write_str("binary data (MessagePack bin, or a base64 string in JSON)")
             }
-            fn visit_bytes<E: de::Error>(self, v: &[u8]) -> Result<Bytes, E> {
-                Ok(Bytes(v.to_vec()))
+            fn visit_borrowed_bytes<E: de::Error>(self, v: &'de [u8]) -> Result<Binary<'de>, E> {
+                Ok(Binary(Cow::Borrowed(v)))
             }
-            fn visit_byte_buf<E: de::Error>(self, v: Vec<u8>) -> Result<Bytes, E> {
-                Ok(Bytes(v))
+            fn visit_bytes<E: de::Error>(self, v: &[u8]) -> Result<Binary<'de>, E> {
+                Ok(Binary(Cow::Owned(v.to_vec())))
             }
-            fn visit_str<E: de::Error>(self, v: &str) -> Result<Bytes, E> {
+            fn visit_byte_buf<E: de::Error>(self, v: Vec<u8>) -> Result<Binary<'de>, E> {
+                Ok(Binary(Cow::Owned(v)))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Binary<'de>, E> {
                 use base64::Engine;
                 base64::engine::general_purpose::STANDARD
                     .decode(v)
-                    .map(Bytes)
+                    .map(|b| Binary(Cow::Owned(b)))
                     .map_err(|e| E::custom(format!("invalid base64: {e}")))
             }
         }
@@ -171,11 +271,12 @@ impl<'de> Deserialize<'de> for Bytes {
 
 /// `raw` pixels of a crop.
 #[derive(Debug, Clone, Deserialize)]
-pub struct RawPixels {
+pub struct RawPixels<'a> {
     pub width: u32,
     pub height: u32,
     pub format: RawFormat,
-    pub data: Bytes,
+    #[serde(borrow)]
+    pub data: Binary<'a>,
 }
 
 /// One crop of a request as sent. Whatever is wrong with a crop (a field
@@ -183,52 +284,73 @@ pub struct RawPixels {
 /// it an item error, never its whole request: the crop is first read as a
 /// generic value and only then as its fields ([`Crop::source`] says why it
 /// cannot be used). Its `id` is read on its own so that even a broken crop
-/// is answered under its id.
+/// is answered under its id. In MessagePack that generic value borrows
+/// from the payload, so binary fields are not copied.
 #[derive(Debug, Clone)]
-pub struct Crop {
+pub struct Crop<'a> {
     pub id: Option<String>,
-    fields: Result<CropFields, String>,
+    fields: Result<CropFields<'a>, String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
-struct CropFields {
-    #[serde(default)]
-    image: Option<Bytes>,
-    #[serde(default)]
-    raw: Option<RawPixels>,
+struct CropFields<'a> {
+    #[serde(default, borrow)]
+    image: Option<Binary<'a>>,
+    #[serde(default, borrow)]
+    raw: Option<RawPixels<'a>>,
     #[serde(default)]
     bbox: Option<Vec<f64>>,
 }
 
-impl<'de> Deserialize<'de> for Crop {
+impl<'de: 'a, 'a> Deserialize<'de> for Crop<'a> {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let value = rmpv::Value::deserialize(d)?;
-        let id = match &value {
-            rmpv::Value::Map(entries) => entries
-                .iter()
-                .find(|(k, _)| k.as_str() == Some("id"))
-                .and_then(|(_, v)| v.as_str().map(str::to_string)),
-            _ => None,
-        };
-        let fields = rmpv::ext::from_value::<CropFields>(value)
-            .map_err(|e| format!("invalid crop: {}", bounded_text(e.to_string())));
-        Ok(Self { id, fields })
+        let invalid =
+            |e: rmpv::ext::Error| format!("invalid crop: {}", bounded_text(e.to_string()));
+        if d.is_human_readable() {
+            // JSON: strings may hold escapes and binary is base64, so
+            // nothing could be borrowed anyway.
+            let value = rmpv::Value::deserialize(d)?;
+            let id = match &value {
+                rmpv::Value::Map(entries) => entries
+                    .iter()
+                    .find(|(k, _)| k.as_str() == Some("id"))
+                    .and_then(|(_, v)| v.as_str().map(str::to_string)),
+                _ => None,
+            };
+            let fields = rmpv::ext::deserialize_from::<CropFields<'a>, _>(value).map_err(invalid);
+            Ok(Self { id, fields })
+        } else {
+            let value = rmpv::ValueRef::<'de>::deserialize(d)?;
+            let text = |v: &rmpv::ValueRef<'_>| match v {
+                rmpv::ValueRef::String(s) => s.as_str().map(str::to_string),
+                _ => None,
+            };
+            let id = match &value {
+                rmpv::ValueRef::Map(entries) => entries
+                    .iter()
+                    .find(|(k, _)| text(k).as_deref() == Some("id"))
+                    .and_then(|(_, v)| text(v)),
+                _ => None,
+            };
+            let fields = rmpv::ext::deserialize_from::<CropFields<'a>, _>(value).map_err(invalid);
+            Ok(Self { id, fields })
+        }
     }
 }
 
 /// Where a crop's pixels come from.
 #[derive(Debug, Clone, Copy)]
-pub enum CropSource<'a> {
-    Image(&'a [u8]),
-    Raw(&'a RawPixels),
-    Bbox(&'a [f64]),
+pub enum CropSource<'r> {
+    Image(&'r [u8]),
+    Raw(&'r RawPixels<'r>),
+    Bbox(&'r [f64]),
 }
 
-impl Crop {
+impl Crop<'_> {
     pub fn source(&self) -> Result<CropSource<'_>, String> {
         let f = self.fields.as_ref().map_err(Clone::clone)?;
         match (&f.image, &f.raw, &f.bbox) {
-            (Some(i), None, None) => Ok(CropSource::Image(&i.0)),
+            (Some(i), None, None) => Ok(CropSource::Image(i.as_slice())),
             (None, Some(r), None) => Ok(CropSource::Raw(r)),
             (None, None, Some(b)) => Ok(CropSource::Bbox(b)),
             (None, None, None) => Err("crop has none of image, raw or bbox".into()),
@@ -242,8 +364,10 @@ impl Crop {
     }
 }
 
+/// A crop request as read, borrowing its binary fields from the payload
+/// (see [`Binary`]).
 #[derive(Debug, Clone, Deserialize)]
-pub struct CropRequest {
+pub struct CropRequest<'a> {
     pub request_id: String,
     #[serde(default)]
     pub camera_id: Option<String>,
@@ -253,12 +377,13 @@ pub struct CropRequest {
     pub ts_ms: Option<u64>,
     #[serde(default)]
     pub top_k: Option<u8>,
-    #[serde(default)]
-    pub frame: Option<Bytes>,
-    pub crops: Vec<Crop>,
+    #[serde(default, borrow)]
+    pub frame: Option<Binary<'a>>,
+    #[serde(borrow)]
+    pub crops: Vec<Crop<'a>>,
 }
 
-impl CropRequest {
+impl CropRequest<'_> {
     /// Checks the message-level rules (request_id length, crop count).
     pub fn validate(&self, max_crops: usize) -> Result<(), ProtocolError> {
         if self.request_id.is_empty() || self.request_id.len() > MAX_REQUEST_ID {
@@ -773,18 +898,180 @@ mod tests {
     }
 
     #[test]
+    fn messagepack_crops_and_frame_point_into_the_payload_and_json_ones_are_decoded() {
+        #[derive(Serialize)]
+        struct Raw<'a> {
+            width: u32,
+            height: u32,
+            format: &'a str,
+            data: Bytes,
+        }
+        #[derive(Serialize)]
+        struct Crop<'a> {
+            #[serde(skip_serializing_if = "Option::is_none")]
+            image: Option<Bytes>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            raw: Option<Raw<'a>>,
+        }
+        #[derive(Serialize)]
+        struct Req<'a> {
+            request_id: &'a str,
+            frame: Bytes,
+            crops: Vec<Crop<'a>>,
+        }
+        let sent = Req {
+            request_id: "r",
+            frame: Bytes(vec![9; 300]),
+            crops: vec![
+                Crop {
+                    image: Some(Bytes(vec![1; 70_000])),
+                    raw: None,
+                },
+                Crop {
+                    image: None,
+                    raw: Some(Raw {
+                        width: 2,
+                        height: 1,
+                        format: "rgb8",
+                        data: Bytes(vec![4, 5, 6, 7, 8, 9]),
+                    }),
+                },
+            ],
+        };
+        let mp = encode(&sent, Encoding::Msgpack);
+        let within = mp.as_ptr_range();
+        let req: CropRequest = decode(&mp, Encoding::Msgpack).unwrap();
+        let frame = req.frame.as_ref().unwrap();
+        assert!(matches!(frame.0, Cow::Borrowed(_)));
+        assert!(within.contains(&frame.as_slice().as_ptr()));
+        match req.crops[0].source() {
+            Ok(CropSource::Image(b)) => {
+                assert_eq!(b.len(), 70_000);
+                assert!(within.contains(&b.as_ptr()), "the image was copied");
+            }
+            other => panic!("{other:?}"),
+        }
+        match req.crops[1].source() {
+            Ok(CropSource::Raw(r)) => {
+                assert_eq!(r.data.as_slice(), [4, 5, 6, 7, 8, 9]);
+                assert!(within.contains(&r.data.as_slice().as_ptr()));
+            }
+            other => panic!("{other:?}"),
+        }
+        // JSON carries base64, decoded into bytes of its own.
+        let json = encode(&sent, Encoding::Json);
+        let req: CropRequest = decode(&json, Encoding::Json).unwrap();
+        assert!(matches!(req.frame.as_ref().unwrap().0, Cow::Owned(_)));
+        assert!(matches!(req.crops[0].source(), Ok(CropSource::Image(b)) if b == [1; 70_000]));
+    }
+
+    #[test]
+    fn the_extent_of_any_messagepack_value_is_found_and_a_cut_one_is_refused() {
+        use rmpv::Value;
+        let nested = Value::Map(vec![
+            ("nil".into(), Value::Nil),
+            ("t".into(), Value::Boolean(true)),
+            (
+                "ints".into(),
+                Value::Array(
+                    [
+                        0i64,
+                        -1,
+                        127,
+                        128,
+                        -33,
+                        255,
+                        256,
+                        65_536,
+                        -129,
+                        -40_000,
+                        i64::MIN,
+                        1 << 40,
+                    ]
+                    .iter()
+                    .map(|&i| Value::from(i))
+                    .chain([Value::from(u64::MAX)])
+                    .collect(),
+                ),
+            ),
+            (
+                "floats".into(),
+                Value::Array(vec![Value::F32(1.5), Value::F64(-2.25)]),
+            ),
+            ("str".into(), Value::from("é".repeat(20))),
+            ("str16".into(), Value::from("s".repeat(300))),
+            ("str32".into(), Value::from("s".repeat(70_000))),
+            ("bin".into(), Value::Binary(vec![0xc1; 10])),
+            ("bin16".into(), Value::Binary(vec![0xc1; 300])),
+            ("bin32".into(), Value::Binary(vec![0xc1; 70_000])),
+            ("arr16".into(), Value::Array(vec![Value::Nil; 20])),
+            (
+                "map16".into(),
+                Value::Map((0..20).map(|i| (Value::from(i), Value::Nil)).collect()),
+            ),
+            (
+                "ext".into(),
+                Value::Array(
+                    [1usize, 2, 4, 8, 16, 3, 300, 70_000]
+                        .iter()
+                        .map(|&n| Value::Ext(5, vec![0xc1; n]))
+                        .collect(),
+                ),
+            ),
+        ]);
+        let mut bytes = Vec::new();
+        rmpv::encode::write_value(&mut bytes, &nested).unwrap();
+        assert_eq!(msgpack_value_len(&bytes), Some(bytes.len()));
+        // Every cut ends inside the value.
+        for cut in [0, 1, 10, bytes.len() / 2, bytes.len() - 1] {
+            assert_eq!(msgpack_value_len(&bytes[..cut]), None, "cut at {cut}");
+        }
+        // A declared length past the end is refused without walking it.
+        assert_eq!(msgpack_value_len(&[0xdf, 0xff, 0xff, 0xff, 0xff]), None);
+        assert_eq!(msgpack_value_len(&[0xc6, 0xff, 0xff, 0xff, 0xff, 0]), None);
+        assert_eq!(msgpack_value_len(&[0xc1]), None);
+        // A request cut short is malformed, with the reader's own words.
+        let mut req = Vec::new();
+        let map = Value::Map(vec![
+            ("request_id".into(), "r".into()),
+            (
+                "crops".into(),
+                Value::Array(vec![Value::Map(vec![(
+                    "image".into(),
+                    Value::Binary(vec![1; 50]),
+                )])]),
+            ),
+        ]);
+        rmpv::encode::write_value(&mut req, &map).unwrap();
+        assert!(decode::<CropRequest>(&req, Encoding::Msgpack).is_ok());
+        let e = decode::<CropRequest>(&req[..req.len() - 5], Encoding::Msgpack).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                ProtocolError::Malformed {
+                    encoding: "MessagePack",
+                    ..
+                }
+            ),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn echoed_ids_and_error_texts_are_bounded() {
         let long = "x".repeat(MAX_ECHOED_ID + 1);
-        let req = |camera: &str, crop: &str| -> CropRequest {
+        let validate = |camera: &str, crop: &str| {
             let text = format!(
                 r#"{{"request_id":"r","camera_id":"{camera}","crops":[{{"id":"a","image":"AA=="}},{{"id":"{crop}","image":"AA=="}}]}}"#
             );
-            decode(text.as_bytes(), Encoding::Json).unwrap()
+            decode::<CropRequest>(text.as_bytes(), Encoding::Json)
+                .unwrap()
+                .validate(4)
         };
-        assert!(req("cam", "b").validate(4).is_ok());
-        let e = req(&long, "b").validate(4).unwrap_err().to_string();
+        assert!(validate("cam", "b").is_ok());
+        let e = validate(&long, "b").unwrap_err().to_string();
         assert!(e.contains("camera_id") && e.contains("257"), "{e}");
-        let e = req("cam", &long).validate(4).unwrap_err().to_string();
+        let e = validate("cam", &long).unwrap_err().to_string();
         assert!(e.contains("crop 1"), "{e}");
         let text = bounded_text("é".repeat(1_000_000));
         assert!(text.len() <= MAX_ERROR_TEXT, "{}", text.len());

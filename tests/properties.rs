@@ -158,27 +158,48 @@ fn wire_request() -> impl Strategy<Value = WireRequest> {
         )
 }
 
-/// Checks that the agent read `req` as the client wrote `wire`.
-fn assert_read_as_written(req: &CropRequest, wire: &WireRequest) {
+/// Checks that the agent read `req` as the client wrote `wire`; when
+/// `borrowed_from` is given (MessagePack), that every binary field the
+/// agent reads points into that payload instead of into a copy.
+fn assert_read_as_written(req: &CropRequest, wire: &WireRequest, borrowed_from: Option<&[u8]>) {
+    let in_payload = |what: &str, bytes: &[u8]| {
+        if let Some(payload) = borrowed_from {
+            let range = payload.as_ptr_range();
+            assert!(
+                range.contains(&bytes.as_ptr()) || bytes.is_empty(),
+                "{what} was copied out of the payload"
+            );
+        }
+    };
     assert_eq!(req.request_id, wire.request_id);
     assert_eq!(req.camera_id, wire.camera_id);
     assert_eq!(req.frame_id, wire.frame_id);
     assert_eq!(req.ts_ms, wire.ts_ms);
     assert_eq!(req.top_k, wire.top_k);
-    assert_eq!(req.frame, wire.frame);
+    assert_eq!(
+        req.frame.as_ref().map(|f| f.as_slice()),
+        wire.frame.as_ref().map(|f| &f.0[..])
+    );
+    if let Some(frame) = &req.frame {
+        in_payload("the frame", frame.as_slice());
+    }
     assert_eq!(req.crops.len(), wire.crops.len());
     for (i, (got, sent)) in req.crops.iter().zip(&wire.crops).enumerate() {
         assert_eq!(got.id, sent.id, "crop {i}");
         assert_eq!(got.has_bbox(), sent.bbox.is_some(), "crop {i}");
         match got.source() {
-            Ok(CropSource::Image(b)) => assert_eq!(Some(b), sent.image.as_ref().map(|i| &i.0[..])),
+            Ok(CropSource::Image(b)) => {
+                assert_eq!(Some(b), sent.image.as_ref().map(|i| &i.0[..]));
+                in_payload("an image", b);
+            }
             Ok(CropSource::Raw(r)) => {
                 let s = sent.raw.as_ref().expect("a raw crop was sent");
                 assert_eq!(
-                    (r.width, r.height, r.format, &r.data),
-                    (s.width, s.height, s.format, &s.data),
+                    (r.width, r.height, r.format, r.data.as_slice()),
+                    (s.width, s.height, s.format, &s.data.0[..]),
                     "crop {i}"
                 );
+                in_payload("raw pixels", r.data.as_slice());
             }
             Ok(CropSource::Bbox(b)) => assert_eq!(Some(b), sent.bbox.as_deref(), "crop {i}"),
             Err(e) => panic!("crop {i} does not read back: {e}"),
@@ -429,13 +450,14 @@ proptest! {
     #![proptest_config(config(128))]
 
     #[test]
-    fn a_crop_request_is_read_as_the_client_wrote_it_in_both_encodings(wire in wire_request()) {
+    fn a_crop_request_is_read_as_the_client_wrote_it_in_both_encodings_and_msgpack_binary_is_not_copied(wire in wire_request()) {
         for encoding in ENCODINGS {
             let bytes = protocol::encode(&wire, encoding);
             prop_assert_eq!(protocol::detect_encoding(&bytes), Ok(encoding));
             let req: CropRequest = protocol::decode(&bytes, encoding)
                 .map_err(|e| TestCaseError::fail(format!("{encoding:?}: {e}")))?;
-            assert_read_as_written(&req, &wire);
+            let borrowed_from = (encoding == Encoding::Msgpack).then_some(&bytes[..]);
+            assert_read_as_written(&req, &wire, borrowed_from);
             // The id can be read from the payload alone, and from its
             // start when the rest is cut off.
             let valid_id = wire.request_id.len() <= protocol::MAX_REQUEST_ID;

@@ -18,7 +18,7 @@
 //! | 11..16 | unused |
 //! | 16..36 | bbox as 5 f32 LE |
 
-use image::RgbImage;
+use image::{ImageBuffer, Rgb, RgbImage};
 use retail_agent::manifest::{ColorOrder, Preprocess, ResizeFilter, ResizeMode};
 use retail_agent::vision::decode::{clip_bbox, decode_image, raw_image, CropRect, DecodeLimits};
 use retail_agent::vision::preprocess::InputGeometry;
@@ -179,9 +179,9 @@ pub fn run(data: &[u8]) {
 
 /// Resizing an image that decoded within the limits (or a box clipped to
 /// it) never fails: a failure would answer a valid crop with an error.
-fn resized(
+fn resized<C: std::ops::Deref<Target = [u8]>>(
     pre: &mut Preprocessor,
-    img: &RgbImage,
+    img: &ImageBuffer<Rgb<u8>, C>,
     rect: Option<CropRect>,
     rgb: &mut [u8],
 ) -> Result<(), VisionError> {

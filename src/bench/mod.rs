@@ -70,6 +70,8 @@ pub enum BenchError {
     },
     #[error("encoding a crop request: {0}")]
     Encode(String),
+    #[error("reading back a crop request: {0}")]
+    Protocol(#[from] crate::protocol::ProtocolError),
     #[error("enrolling the synthetic products: {0}")]
     Enrol(String),
     #[error("the pipeline: {0}")]

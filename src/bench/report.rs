@@ -411,6 +411,14 @@ impl BenchReport {
             let _ = writeln!(out, "\nPer-crop stage costs (one thread, mean)");
             let rows = vec![
                 vec![
+                    format!(
+                        "8-crop MessagePack request ({:.0} KB)",
+                        s.request_bytes as f64 / 1024.0
+                    ),
+                    "read (per request)".into(),
+                    f1(s.request_read_us),
+                ],
+                vec![
                     format!("224x224 crop ({:.1} KB JPEG)", s.crop_bytes_mean / 1024.0),
                     "decode".into(),
                     f1(s.crop_decode_us),

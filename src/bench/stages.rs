@@ -1,4 +1,5 @@
 //! Per-crop stage costs, each the mean over many runs on one thread:
+//! reading an 8-crop MessagePack request (its crops borrowed, not copied);
 //! JPEG decode of a 224x224 crop and its resize+normalise into a tensor
 //! slot; JPEG decode of a 1920x1080 frame (once per frame, not per crop)
 //! and the resize+normalise of a product box cut from it; and the search of
@@ -11,12 +12,20 @@
 use serde::Serialize;
 
 use super::{micros_per_run, repeat_for, search::search_queries, BenchError, BenchSetup};
+use crate::config::Encoding;
+use crate::protocol::{self, CropRequest};
 use crate::recognizer::geometry;
 use crate::vision::decode::{clip_bbox, decode_image};
 use crate::vision::preprocess::Preprocessor;
 
+/// Crops in the request whose reading is measured.
+const REQUEST_CROPS: usize = 8;
+
 #[derive(Debug, Clone, Serialize)]
 pub struct StageFigures {
+    /// Reading (and checking) one 8-crop MessagePack CropRequest.
+    pub request_bytes: usize,
+    pub request_read_us: f64,
     pub crop_bytes_mean: f64,
     pub crop_decode_us: f64,
     pub crop_resize_normalise_us: f64,
@@ -34,6 +43,15 @@ pub fn measure(setup: &BenchSetup) -> Result<StageFigures, BenchError> {
     let mut pre = Preprocessor::new(geometry(&setup.manifest));
     let per_image = pre.geometry().rgb_len();
     let (mut rgb, mut tensor) = (Vec::new(), vec![0f32; per_image]);
+
+    let request = w.request("stage", 0, REQUEST_CROPS)?;
+    let (runs, t) = repeat_for(d.stage_window, 10, || {
+        let req: CropRequest<'_> = protocol::decode(&request, Encoding::Msgpack)?;
+        req.validate(REQUEST_CROPS)?;
+        std::hint::black_box(req.crops.iter().filter(|c| c.source().is_ok()).count());
+        Ok::<(), BenchError>(())
+    })?;
+    let request_read_us = micros_per_run(runs, t);
 
     let mut i = 0;
     let (runs, t) = repeat_for(d.stage_window, 10, || {
@@ -98,6 +116,8 @@ pub fn measure(setup: &BenchSetup) -> Result<StageFigures, BenchError> {
     let search_us = micros_per_run(runs, t);
 
     Ok(StageFigures {
+        request_bytes: request.len(),
+        request_read_us,
         crop_bytes_mean: w.mean_crop_bytes(),
         crop_decode_us,
         crop_resize_normalise_us,

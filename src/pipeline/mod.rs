@@ -496,7 +496,8 @@ fn handle_message(
         Ok(e) => e,
         Err(e) => return ctx.reject(&msg.payload, msg.ack, None, e.to_string()),
     };
-    let req: CropRequest = match protocol::decode(&msg.payload, encoding) {
+    // Binary fields borrow from the payload, which outlives `req`.
+    let req: CropRequest<'_> = match protocol::decode(&msg.payload, encoding) {
         Ok(r) => r,
         Err(e) => {
             let id = protocol::peek_request_id(&msg.payload);
@@ -537,7 +538,7 @@ fn handle_message(
         .iter()
         .any(protocol::Crop::has_bbox)
         .then(|| match &req.frame {
-            Some(f) => decode_image(&f.0, &ctx.limits),
+            Some(f) => decode_image(f.as_slice(), &ctx.limits),
             None => Err(VisionError::NoFrame),
         });
     let mut prepared = Vec::with_capacity(n);
@@ -591,7 +592,7 @@ fn prepare_crop(
             pre.resize_into(&img, None, rgb)
         }
         CropSource::Raw(r) => {
-            let img = raw_image(r.width, r.height, r.format, &r.data.0, &ctx.limits)?;
+            let img = raw_image(r.width, r.height, r.format, r.data.as_slice(), &ctx.limits)?;
             pre.resize_into(&img, None, rgb)
         }
         CropSource::Bbox(b) => match frame {

@@ -6,7 +6,9 @@
 
 use std::io::Cursor;
 
-use image::{ImageFormat, RgbImage};
+use std::borrow::Cow;
+
+use image::{DynamicImage, ImageBuffer, ImageDecoder, ImageFormat, Rgb, RgbImage};
 
 use crate::config::LimitsConfig;
 
@@ -118,21 +120,23 @@ pub fn decode_image(bytes: &[u8], limits: &DecodeLimits) -> Result<RgbImage, Vis
     ) {
         return Err(VisionError::UnsupportedFormat(format!("{format:?}")));
     }
-    let (width, height) = image::ImageReader::with_format(Cursor::new(bytes), format)
-        .into_dimensions()
+    // One pass over the header: the decoder says the size, which is checked
+    // before any pixel is decoded.
+    let mut decoder = image::ImageReader::with_format(Cursor::new(bytes), format)
+        .into_decoder()
         .map_err(|e| VisionError::Decode(e.to_string()))?;
+    let (width, height) = decoder.dimensions();
     limits.check_size(width, height)?;
-
-    let mut reader = image::ImageReader::with_format(Cursor::new(bytes), format);
     let mut decoder_limits = image::Limits::default();
     decoder_limits.max_image_width = Some(limits.max_dimension);
     decoder_limits.max_image_height = Some(limits.max_dimension);
     // RGBA16 is the widest layout a decoder may produce, plus slack for its buffers.
     decoder_limits.max_alloc = Some(limits.max_pixels.saturating_mul(8).saturating_add(1 << 24));
-    reader.limits(decoder_limits);
-    let decoded = reader
-        .decode()
+    decoder
+        .set_limits(decoder_limits)
         .map_err(|e| VisionError::Decode(e.to_string()))?;
+    let decoded =
+        DynamicImage::from_decoder(decoder).map_err(|e| VisionError::Decode(e.to_string()))?;
     Ok(decoded.into_rgb8())
 }
 
@@ -182,15 +186,18 @@ impl RawFormat {
     }
 }
 
+/// An RGB8 image that borrows its pixels where it can.
+pub type RgbView<'a> = ImageBuffer<Rgb<u8>, Cow<'a, [u8]>>;
+
 /// Converts a raw pixel buffer to RGB8 (alpha is dropped, as Pillow's
-/// `convert("RGB")` does).
-pub fn raw_image(
+/// `convert("RGB")` does). `rgb8` data is used in place, not copied.
+pub fn raw_image<'a>(
     width: u32,
     height: u32,
     format: RawFormat,
-    data: &[u8],
+    data: &'a [u8],
     limits: &DecodeLimits,
-) -> Result<RgbImage, VisionError> {
+) -> Result<RgbView<'a>, VisionError> {
     limits.check_size(width, height)?;
     let pixels = width as usize * height as usize;
     let expected = pixels * format.bytes_per_pixel();
@@ -203,8 +210,8 @@ pub fn raw_image(
             actual: data.len(),
         });
     }
-    let rgb: Vec<u8> = match format {
-        RawFormat::Rgb8 => data.to_vec(),
+    let rgb: Cow<'a, [u8]> = match format {
+        RawFormat::Rgb8 => Cow::Borrowed(data),
         RawFormat::Bgr8 => data
             .chunks_exact(3)
             .flat_map(|p| [p[2], p[1], p[0]])
@@ -215,7 +222,7 @@ pub fn raw_image(
             .collect(),
         RawFormat::Gray8 => data.iter().flat_map(|&g| [g, g, g]).collect(),
     };
-    RgbImage::from_raw(width, height, rgb).ok_or(VisionError::ZeroSize)
+    ImageBuffer::from_raw(width, height, rgb).ok_or(VisionError::ZeroSize)
 }
 
 /// A region of an image, in (possibly fractional) pixels, already clipped to it.
@@ -311,6 +318,15 @@ mod tests {
         let mut truncated = png(16, 16);
         truncated.truncate(40);
         assert!(decode_image(&truncated, &DecodeLimits::default()).is_err());
+    }
+
+    #[test]
+    fn rgb8_raw_pixels_are_used_in_place_not_copied() {
+        let data: Vec<u8> = (0..2 * 3 * 3).collect();
+        let img = raw_image(2, 3, RawFormat::Rgb8, &data, &DecodeLimits::default()).unwrap();
+        assert!(matches!(img.as_raw(), Cow::Borrowed(_)));
+        assert_eq!(img.as_raw().as_ptr(), data.as_ptr());
+        assert_eq!(img.get_pixel(1, 2).0, [15, 16, 17]);
     }
 
     #[test]

@@ -9,7 +9,9 @@
 
 use fast_image_resize::images::{Image, ImageRef};
 use fast_image_resize::{FilterType, PixelType, ResizeAlg, ResizeOptions, Resizer};
-use image::RgbImage;
+use std::ops::Deref;
+
+use image::{ImageBuffer, Rgb, RgbImage};
 
 use super::decode::{CropRect, VisionError};
 use crate::manifest::{ColorOrder, Preprocess, ResizeFilter, ResizeMode};
@@ -55,9 +57,9 @@ impl Preprocessor {
 
     /// Resizes `src` (or the `crop` of it) into `dst`, an RGB8 buffer of
     /// exactly [`InputGeometry::rgb_len`] bytes.
-    pub fn resize_into(
+    pub fn resize_into<C: Deref<Target = [u8]>>(
         &mut self,
-        src: &RgbImage,
+        src: &ImageBuffer<Rgb<u8>, C>,
         crop: Option<CropRect>,
         dst: &mut [u8],
     ) -> Result<(), VisionError> {
@@ -192,9 +194,9 @@ fn center_offset(size: u32, crop: u32) -> u32 {
     }
 }
 
-fn resize(
+fn resize<C: Deref<Target = [u8]>>(
     resizer: &mut Resizer,
-    src: &RgbImage,
+    src: &ImageBuffer<Rgb<u8>, C>,
     crop: CropRect,
     filter: ResizeFilter,
     width: u32,
@@ -202,8 +204,8 @@ fn resize(
     dst: &mut [u8],
 ) -> Result<(), VisionError> {
     let err = |e: &dyn std::fmt::Display| VisionError::Resize(e.to_string());
-    let src_view = ImageRef::new(src.width(), src.height(), src.as_raw(), PixelType::U8x3)
-        .map_err(|e| err(&e))?;
+    let src_view =
+        ImageRef::new(src.width(), src.height(), src, PixelType::U8x3).map_err(|e| err(&e))?;
     let mut dst_view =
         Image::from_slice_u8(width, height, dst, PixelType::U8x3).map_err(|e| err(&e))?;
     let alg = match filter {
