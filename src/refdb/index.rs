@@ -181,8 +181,12 @@ impl Index {
     ) -> Self {
         let mut label_ids: HashMap<&'a str, u32> = HashMap::new();
         let mut labels: Vec<Arc<str>> = Vec::new();
-        let mut vectors: Vec<f32> = Vec::new();
-        let mut infos = Vec::new();
+        let rows = rows.into_iter();
+        // At most this many rows: reserved once rather than grown by copies
+        // (pages reserved and never written cost no memory).
+        let most = rows.size_hint().1.unwrap_or(0);
+        let mut vectors: Vec<f32> = Vec::with_capacity(most.saturating_mul(dim));
+        let mut infos = Vec::with_capacity(most);
         for (ref_id, label, emb) in rows {
             debug_assert_eq!(emb.len(), dim);
             let id = *label_ids.entry(label).or_insert_with(|| {
@@ -197,6 +201,7 @@ impl Index {
                 label: id,
             });
         }
+        vectors.shrink_to_fit();
         let mut index = Self {
             dim,
             matrix: Matrix::F32(vectors),
