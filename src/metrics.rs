@@ -153,6 +153,7 @@ struct Counters {
     dropped: AtomicU64,
     batches: AtomicU64,
     batched_crops: AtomicU64,
+    batches_in_place: AtomicU64,
 }
 
 pub struct Metrics {
@@ -186,6 +187,8 @@ pub struct Totals {
     pub dropped: u64,
     pub batches: u64,
     pub batched_crops: u64,
+    /// Batches run straight from the decode workers' slots, not copied.
+    pub batches_in_place: u64,
 }
 
 macro_rules! counter {
@@ -203,11 +206,18 @@ impl Metrics {
     counter!(add_errors, errors);
     counter!(add_dropped, dropped);
 
-    pub fn add_batch(&self, size: usize) {
+    /// One inference batch of `size` crops; `in_place`: run from the
+    /// decode workers' slots without a copy.
+    pub fn add_batch(&self, size: usize, in_place: bool) {
         for c in [&self.interval, &self.totals] {
             c.batches.fetch_add(1, Ordering::Relaxed);
             c.batched_crops.fetch_add(size as u64, Ordering::Relaxed);
         }
+        // A lifetime total only (Prometheus, the bench): the Metrics
+        // message carries no such field.
+        self.totals
+            .batches_in_place
+            .fetch_add(u64::from(in_place), Ordering::Relaxed);
     }
 
     pub fn set_queue_depth(&self, depth: usize) {
@@ -242,6 +252,7 @@ impl Metrics {
             dropped: t.dropped.load(Ordering::Relaxed),
             batches: t.batches.load(Ordering::Relaxed),
             batched_crops: t.batched_crops.load(Ordering::Relaxed),
+            batches_in_place: t.batches_in_place.load(Ordering::Relaxed),
         }
     }
 
@@ -312,8 +323,8 @@ mod tests {
         let m = Metrics::default();
         m.add_requests(2);
         m.add_crops(5);
-        m.add_batch(4);
-        m.add_batch(1);
+        m.add_batch(4, true);
+        m.add_batch(1, false);
         for ms in [1u64, 2, 3, 100] {
             m.record(&[(Stage::Total, Duration::from_millis(ms))]);
         }
@@ -326,6 +337,7 @@ mod tests {
         assert_eq!(second.requests, 0);
         assert_eq!(second.latency_us.total, Percentiles::default());
         assert_eq!(m.totals().crops, 5);
+        assert_eq!(m.totals().batches_in_place, 1);
     }
 
     #[test]

@@ -89,6 +89,11 @@ pub fn render(e: &Exported) -> String {
             "Crops run in inference batches.",
             t.batched_crops,
         ),
+        (
+            "retail_agent_batches_in_place_total",
+            "Inference batches run straight from the decode workers' slots, without a copy.",
+            t.batches_in_place,
+        ),
     ] {
         header(&mut out, name, "counter", help);
         let _ = writeln!(out, "{name} {value}");

@@ -326,6 +326,10 @@ async fn a_bad_crop_is_an_item_error_and_its_neighbours_still_match() {
             candidates: DEFAULT_TOP_K,
         },
     );
+    // The failed crops' slots left gaps: the batch was copied, and still
+    // answered each crop with its own image.
+    let totals = agent.metrics().totals();
+    assert_eq!((totals.batches, totals.batches_in_place), (1, 0));
     agent.stop().await.expect("clean stop");
 }
 
@@ -358,6 +362,10 @@ async fn an_idle_agent_runs_a_requests_crops_at_once_in_one_batch_up_to_max_batc
         );
         assert_eq!(arr_of(&v, "items", id).len(), crops, "{id}");
     }
+    // Each request's crops got consecutive slots, so every batch (b6 made
+    // two) ran from them in place, without a copy.
+    let totals = agent.metrics().totals();
+    assert_eq!((totals.batches, totals.batches_in_place), (5, 5));
     agent.stop().await.expect("clean stop");
 }
 

@@ -59,6 +59,15 @@ pub struct SplitThroughput {
     pub crops_per_s: f64,
     /// Mean crops per inference batch.
     pub mean_batch: f64,
+    /// Share of batches run from the decode workers' slots without a copy.
+    pub in_place: f64,
+}
+
+/// What one saturated run answered in its window.
+struct Saturated {
+    crops_per_s: f64,
+    mean_batch: f64,
+    in_place: f64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -121,7 +130,11 @@ pub fn measure(setup: &BenchSetup, progress: &dyn Fn(&str)) -> Result<PipelineFi
             let in_flight = in_flight(crops, pipeline_cfg.max_batch);
             let measured = running.saturate(setup, crops, in_flight, setup.durations.split_window);
             running.stop();
-            let (crops_per_s, mean_batch) = measured?;
+            let Saturated {
+                crops_per_s,
+                mean_batch,
+                in_place,
+            } = measured?;
             splits.push(SplitThroughput {
                 intra_threads: split.intra_threads,
                 decode_workers: split.decode_workers,
@@ -130,6 +143,7 @@ pub fn measure(setup: &BenchSetup, progress: &dyn Fn(&str)) -> Result<PipelineFi
                 in_flight,
                 crops_per_s,
                 mean_batch,
+                in_place,
             });
         }
     }
@@ -222,15 +236,14 @@ impl OfflinePipeline {
     }
 
     /// Keeps `in_flight` requests of `crops` crops in the pipeline for a
-    /// warm-up and `window`: crops/s answered in the window and the mean
-    /// batch meanwhile.
+    /// warm-up and `window`: what was answered in the window.
     fn saturate(
         &mut self,
         setup: &BenchSetup,
         crops: usize,
         in_flight: usize,
         window: Duration,
-    ) -> Result<(f64, f64), BenchError> {
+    ) -> Result<Saturated, BenchError> {
         let mut sent = 0usize;
         let mut submit = |pipeline: &Pipeline| -> Result<(), BenchError> {
             let payload = setup
@@ -299,13 +312,21 @@ impl OfflinePipeline {
                 "{errors} requests were answered with an error report"
             )));
         }
-        let mean_batch = match (batches_at_start, batches_at_end) {
+        let (mean_batch, in_place) = match (batches_at_start, batches_at_end) {
             (Some(a), Some(b)) if b.batches > a.batches => {
-                (b.batched_crops - a.batched_crops) as f64 / (b.batches - a.batches) as f64
+                let batches = (b.batches - a.batches) as f64;
+                (
+                    (b.batched_crops - a.batched_crops) as f64 / batches,
+                    (b.batches_in_place - a.batches_in_place) as f64 / batches,
+                )
             }
-            _ => 0.0,
+            _ => (0.0, 0.0),
         };
-        Ok((counted as f64 / window.as_secs_f64(), mean_batch))
+        Ok(Saturated {
+            crops_per_s: counted as f64 / window.as_secs_f64(),
+            mean_batch,
+            in_place,
+        })
     }
 
     fn stop(self) {

@@ -467,6 +467,7 @@ impl BenchReport {
                         s.in_flight.to_string(),
                         f1(s.crops_per_s),
                         f2(s.mean_batch),
+                        format!("{:.0}%", s.in_place * 100.0),
                     ]
                 })
                 .collect::<Vec<_>>();
@@ -480,6 +481,7 @@ impl BenchReport {
                     "in flight",
                     "crops/s",
                     "mean batch",
+                    "in place",
                 ],
                 &rows,
             );

@@ -7,8 +7,9 @@
 //! hands a request's prepared crops to the inference thread as one unit;
 //! the [`batcher::Batcher`] runs them at once when inference is idle and
 //! keeps them together in a batch when they fit, beside other requests'
-//! crops; each result still lists its own items in order. Thread counts
-//! come from the [`budget`]. The pipeline owns no MQTT and no encoding
+//! crops; each result still lists its own items in order. Crops are
+//! normalised into slots of the [`slab`], from which a batch usually runs
+//! in place. Thread counts come from the [`budget`]. The pipeline owns no MQTT and no encoding
 //! choice beyond "answer in kind".
 
 pub mod batcher;
@@ -17,9 +18,11 @@ pub mod handoff;
 pub mod queue;
 pub mod reports;
 pub mod request;
+pub mod slab;
 
 use crossbeam_channel::{self as channel, Receiver, Select, Sender, TryRecvError};
 use handoff::{HandoffReceiver, HandoffSender};
+use slab::{Pixels, Slab};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -184,28 +187,7 @@ struct Prepared {
     request: Arc<RequestState>,
     index: usize,
     id: String,
-    pixels: Vec<f32>,
-}
-
-/// Recycles the normalised image buffers of prepared crops.
-struct BufferPool {
-    free: Mutex<Vec<Vec<f32>>>,
-    len: usize,
-    keep: usize,
-}
-
-impl BufferPool {
-    fn get(&self) -> Vec<f32> {
-        let buf = self.free.lock().unwrap_or_else(|p| p.into_inner()).pop();
-        buf.unwrap_or_else(|| vec![0f32; self.len])
-    }
-
-    fn put(&self, buf: Vec<f32>) {
-        let mut free = self.free.lock().unwrap_or_else(|p| p.into_inner());
-        if free.len() < self.keep {
-            free.push(buf);
-        }
-    }
+    pixels: Pixels,
 }
 
 /// Images to embed for a reference-DB update: the inference thread's
@@ -284,11 +266,9 @@ impl Pipeline {
         let geometry = crate::recognizer::geometry(engine.manifest());
         let normalizer = Normalizer::new(&engine.manifest().file.preprocess);
         let max_batch = cfg.max_batch.max(1);
-        let pool = Arc::new(BufferPool {
-            free: Mutex::new(Vec::new()),
-            len: engine.image_len(),
-            keep: max_batch * 4,
-        });
+        // Room for the crops that wait in the hand-off, a batch being
+        // gathered and one running.
+        let slab = Slab::new(max_batch * 4, engine.image_len());
         // Room for a batch to accumulate while one runs.
         let (tx, rx) = handoff::handoff::<Prepared>(max_batch * 2);
         let (jobs_tx, jobs_rx) = channel::bounded::<EmbedJob>(1);
@@ -298,13 +278,13 @@ impl Pipeline {
             ThreadBudget::for_this_machine(&RuntimeConfig::default(), cfg, gpu).decode_workers;
         let mut threads = Vec::with_capacity(workers + 1);
         for i in 0..workers {
-            let (ctx, queue, tx, pool) = (ctx.clone(), queue.clone(), tx.clone(), pool.clone());
+            let (ctx, queue, tx, slab) = (ctx.clone(), queue.clone(), tx.clone(), slab.clone());
             let prep = CropPrep::new(geometry.clone(), normalizer.clone());
             let beat = ctx.health.register(format!("decode-{i}"));
             threads.push(
                 std::thread::Builder::new()
                     .name(format!("decode-{i}"))
-                    .spawn(move || decode_worker(&ctx, &beat, &queue, &tx, &pool, prep))?,
+                    .spawn(move || decode_worker(&ctx, &beat, &queue, &tx, &slab, prep))?,
             );
         }
         drop(tx);
@@ -332,14 +312,15 @@ impl Pipeline {
             classes: engine.classes(),
             labels: engine.manifest().classifier_labels.clone(),
         };
-        let (ctx3, pool3) = (ctx.clone(), pool.clone());
+        let ctx3 = ctx.clone();
         let beat = ctx.health.register("finisher");
         threads.push(
             std::thread::Builder::new()
                 .name("finisher".into())
-                .spawn(move || finisher.run(&ctx3, &beat, &ran_rx, &free_tx, &pool3))?,
+                .spawn(move || finisher.run(&ctx3, &beat, &ran_rx, &free_tx))?,
         );
         let beat = ctx.health.register("inference");
+        let inference_slab = slab.clone();
         threads.push(
             std::thread::Builder::new()
                 .name("inference".into())
@@ -348,7 +329,16 @@ impl Pipeline {
                         ran: ran_tx,
                         free: free_rx,
                     };
-                    infer_loop(&beat, rx, jobs_rx, engine, &outputs, max_batch, linger)
+                    infer_loop(
+                        &beat,
+                        rx,
+                        jobs_rx,
+                        engine,
+                        &outputs,
+                        &inference_slab,
+                        max_batch,
+                        linger,
+                    )
                 })?,
         );
         Ok(Self {
@@ -441,7 +431,7 @@ fn decode_worker(
     beat: &Heartbeat,
     queue: &IngestQueue<Incoming>,
     tx: &HandoffSender<Prepared>,
-    pool: &BufferPool,
+    slab: &Arc<Slab>,
     mut prep: CropPrep,
 ) {
     while let Some(msg) = queue.pop() {
@@ -455,7 +445,7 @@ fn decode_worker(
         // worker: it is reported (and acknowledged) like any bad input.
         let (payload, ack) = (msg.payload.clone(), msg.ack);
         let handled = catch_unwind(AssertUnwindSafe(|| {
-            handle_message(ctx, &mut prep, pool, tx, msg);
+            handle_message(ctx, &mut prep, slab, tx, msg);
         }));
         if let Err(panic) = handled {
             prep.reset();
@@ -487,7 +477,7 @@ fn panic_text(panic: &Box<dyn std::any::Any + Send>) -> String {
 fn handle_message(
     ctx: &PipelineContext,
     prep: &mut CropPrep,
-    pool: &BufferPool,
+    slab: &Arc<Slab>,
     tx: &HandoffSender<Prepared>,
     msg: Incoming,
 ) {
@@ -543,16 +533,17 @@ fn handle_message(
         });
     let mut prepared = Vec::with_capacity(n);
     let mut finished = false;
-    for (i, crop) in req.crops.iter().enumerate() {
+    // The request's crops are normalised straight into consecutive slots,
+    // where their batch usually runs them in place.
+    for ((i, crop), mut pixels) in req.crops.iter().enumerate().zip(slab.lease(n)) {
         let id = req.crop_id(i);
-        let mut pixels = pool.get();
         let outcome = crop.source().and_then(|src| {
             prepare_crop(ctx, &mut prep.pre, src, frame.as_ref(), &mut prep.rgb)
                 .map_err(|e| e.to_string())
         });
         match outcome {
             Ok(()) => {
-                prep.normalizer.apply(&prep.rgb, &mut pixels);
+                prep.normalizer.apply(&prep.rgb, pixels.as_mut_slice());
                 prepared.push(Prepared {
                     request: state.clone(),
                     index: i,
@@ -561,7 +552,7 @@ fn handle_message(
                 })
             }
             Err(why) => {
-                pool.put(pixels);
+                drop(pixels);
                 ctx.metrics.add_errors(1);
                 debug!(crop = %id, "crop error: {why}");
                 finished |= state.complete(i, Item::error(id, why));
@@ -692,6 +683,8 @@ struct Ran {
     batch: Vec<Prepared>,
     output: EngineOutput,
     infer: Duration,
+    /// Whether the batch ran straight from the slab (no copy).
+    in_place: bool,
     /// Why inference failed, if it did.
     error: Option<String>,
 }
@@ -703,7 +696,8 @@ struct Outputs {
 }
 
 /// The inference thread: feeds the [`Batcher`] with the decode workers'
-/// units, copies each batch it releases into the input tensor, runs it and
+/// units, runs each batch it releases from the [`Slab`] in place (or from
+/// a copy in its own tensor when the crops' slots are not one stretch) and
 /// hands the outputs to the finisher; runs embedding jobs when no batch is
 /// due (so at most one update batch runs ahead of waiting crops). Returns
 /// once the decode workers are gone and every crop has gone to the finisher.
@@ -714,6 +708,7 @@ fn infer_loop(
     jobs: Receiver<EmbedJob>,
     mut engine: Engine,
     outputs: &Outputs,
+    slab: &Slab,
     max_batch: usize,
     linger: Duration,
 ) {
@@ -789,12 +784,22 @@ fn infer_loop(
             }
         }
         let n = batch.len();
+        // In slot order, so that consecutive slots read as one stretch; the
+        // order of crops in a batch is free (each carries its request).
+        batch.sort_unstable_by_key(|p| p.pixels.slot());
+        let mut in_place = false;
         let started = Instant::now();
         // A panic while running the batch fails its crops, not the thread.
         let ran = catch_unwind(AssertUnwindSafe(|| {
-            for (p, slot) in batch.iter().zip(tensor.chunks_exact_mut(per_image)) {
+            for p in &batch {
                 fault::inject(Site::Inference, Scope::Guarded, &p.request.request_id);
-                slot.copy_from_slice(&p.pixels);
+            }
+            if let Some(input) = slab.contiguous(batch.iter().map(|p| &p.pixels)) {
+                in_place = true;
+                return engine.run(input, n, &mut output);
+            }
+            for (p, slot) in batch.iter().zip(tensor.chunks_exact_mut(per_image)) {
+                slot.copy_from_slice(p.pixels.as_slice());
             }
             engine.run(&tensor[..n * per_image], n, &mut output)
         }));
@@ -817,6 +822,7 @@ fn infer_loop(
             batch: std::mem::replace(&mut batch, Vec::with_capacity(max_batch)),
             output,
             infer,
+            in_place,
             error,
         };
         if outputs.ran.send(ran).is_err() {
@@ -843,7 +849,6 @@ impl Finisher {
         beat: &Heartbeat,
         ran: &Receiver<Ran>,
         free: &Sender<EngineOutput>,
-        pool: &BufferPool,
     ) {
         let mut queries: Vec<f32> = Vec::new();
         while let Ok(mut r) = ran.recv() {
@@ -867,9 +872,8 @@ impl Finisher {
                     }
                 }
             }
-            for p in r.batch.drain(..) {
-                pool.put(p.pixels);
-            }
+            // Their slots go back to the slab.
+            r.batch.clear();
             let _ = free.send(r.output);
         }
     }
@@ -884,7 +888,7 @@ impl Finisher {
     ) {
         let (dim, classes) = (self.dim, self.classes);
         let n = r.batch.len();
-        ctx.metrics.add_batch(n);
+        ctx.metrics.add_batch(n, r.in_place);
         for p in &r.batch {
             p.request.rode_batch(n, r.infer);
         }
