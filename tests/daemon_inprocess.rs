@@ -326,10 +326,9 @@ async fn a_bad_crop_is_an_item_error_and_its_neighbours_still_match() {
             candidates: DEFAULT_TOP_K,
         },
     );
-    // The failed crops' slots left gaps: the batch was copied, and still
-    // answered each crop with its own image.
+    // Failed crops take no slot: the good ones ran in place, in one batch.
     let totals = agent.metrics().totals();
-    assert_eq!((totals.batches, totals.batches_in_place), (1, 0));
+    assert_eq!((totals.batches, totals.batches_in_place), (1, 1));
     agent.stop().await.expect("clean stop");
 }
 
@@ -366,6 +365,36 @@ async fn an_idle_agent_runs_a_requests_crops_at_once_in_one_batch_up_to_max_batc
     // two) ran from them in place, without a copy.
     let totals = agent.metrics().totals();
     assert_eq!((totals.batches, totals.batches_in_place), (5, 5));
+    agent.stop().await.expect("clean stop");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crops_beyond_the_slots_are_copied_into_the_batch_and_answered_alike() {
+    let qs = one_query_per_label(&queries());
+    // max_batch 1: 4 slots, so a request of 6 crops gets 4 slots and 2
+    // buffers of their own, whose batches are copied.
+    let (_home, agent, port) = start_agent("inproc-copy", "[pipeline]\nmax_batch = 1\n").await;
+    let t = agent.topics().clone();
+    let mut c = TestClient::connect(port, "checkout-copy", &[&t.results, &t.errors]).await;
+    let images: Vec<&[u8]> = (0..6).map(|i| qs[i].1.as_slice()).collect();
+    c.publish(&t.crops, 1, common::json_request("copy6", &images))
+        .await;
+    let (got, errs) = collect_results(
+        &mut c,
+        &t.results,
+        &t.errors,
+        &["copy6"],
+        Duration::from_secs(20),
+    )
+    .await;
+    assert!(errs.is_empty(), "{errs:?}");
+    let items = arr_of(&to_json(&got["copy6"]), "items", "copy6").clone();
+    for (i, item) in items.iter().enumerate() {
+        assert_eq!(item["decision"], "match", "crop {i}: {item}");
+        assert_eq!(item["label"], qs[i].0.as_str(), "crop {i}: {item}");
+    }
+    let totals = agent.metrics().totals();
+    assert_eq!((totals.batches, totals.batches_in_place), (6, 4));
     agent.stop().await.expect("clean stop");
 }
 

@@ -279,7 +279,7 @@ impl Pipeline {
         let mut threads = Vec::with_capacity(workers + 1);
         for i in 0..workers {
             let (ctx, queue, tx, slab) = (ctx.clone(), queue.clone(), tx.clone(), slab.clone());
-            let prep = CropPrep::new(geometry.clone(), normalizer.clone());
+            let prep = CropPrep::new(geometry.clone(), normalizer.clone(), max_batch);
             let beat = ctx.health.register(format!("decode-{i}"));
             threads.push(
                 std::thread::Builder::new()
@@ -407,22 +407,40 @@ impl Pipeline {
 struct CropPrep {
     pre: Preprocessor,
     normalizer: Normalizer,
-    rgb: Vec<u8>,
+    /// One resized RGB8 image per crop of the request being prepared.
+    rgb: Vec<Vec<u8>>,
+    /// Scratch images kept between requests (more are made for a larger
+    /// request and dropped after it).
+    keep: usize,
 }
 
 impl CropPrep {
-    fn new(geometry: InputGeometry, normalizer: Normalizer) -> Self {
-        let rgb = vec![0u8; geometry.rgb_len()];
+    fn new(geometry: InputGeometry, normalizer: Normalizer, keep: usize) -> Self {
         Self {
             pre: Preprocessor::new(geometry),
             normalizer,
-            rgb,
+            rgb: Vec::new(),
+            keep,
         }
+    }
+
+    /// The resizer and the scratch image for the request's `k`-th
+    /// resized crop.
+    fn resize_to(&mut self, k: usize) -> (&mut Preprocessor, &mut [u8]) {
+        let len = self.pre.geometry().rgb_len();
+        while self.rgb.len() <= k {
+            self.rgb.push(vec![0u8; len]);
+        }
+        (&mut self.pre, &mut self.rgb[k])
     }
 
     /// After a panic the scratch state is not trusted.
     fn reset(&mut self) {
-        *self = Self::new(self.pre.geometry().clone(), self.normalizer.clone());
+        *self = Self::new(
+            self.pre.geometry().clone(),
+            self.normalizer.clone(),
+            self.keep,
+        );
     }
 }
 
@@ -531,34 +549,41 @@ fn handle_message(
             Some(f) => decode_image(f.as_slice(), &ctx.limits),
             None => Err(VisionError::NoFrame),
         });
-    let mut prepared = Vec::with_capacity(n);
     let mut finished = false;
-    // The request's crops are normalised straight into consecutive slots,
-    // where their batch usually runs them in place.
-    for ((i, crop), mut pixels) in req.crops.iter().enumerate().zip(slab.lease(n)) {
+    // Decode and resize every crop first (the slow part) ...
+    let mut resized: Vec<(usize, String)> = Vec::with_capacity(n);
+    for (i, crop) in req.crops.iter().enumerate() {
         let id = req.crop_id(i);
+        let k = resized.len();
         let outcome = crop.source().and_then(|src| {
-            prepare_crop(ctx, &mut prep.pre, src, frame.as_ref(), &mut prep.rgb)
-                .map_err(|e| e.to_string())
+            let (pre, rgb) = prep.resize_to(k);
+            prepare_crop(ctx, pre, src, frame.as_ref(), rgb).map_err(|e| e.to_string())
         });
         match outcome {
-            Ok(()) => {
-                prep.normalizer.apply(&prep.rgb, pixels.as_mut_slice());
-                prepared.push(Prepared {
-                    request: state.clone(),
-                    index: i,
-                    id,
-                    pixels,
-                })
-            }
+            Ok(()) => resized.push((i, id)),
             Err(why) => {
-                drop(pixels);
                 ctx.metrics.add_errors(1);
                 debug!(crop = %id, "crop error: {why}");
                 finished |= state.complete(i, Item::error(id, why));
             }
         }
     }
+    // ... then normalise the good ones straight into consecutive slots,
+    // where their batch usually runs them in place. Leased only now, slots
+    // follow the order in which requests reach the inference thread, even
+    // with several decode workers, and failed crops leave no gaps.
+    let slots = slab.lease(resized.len());
+    let mut prepared = Vec::with_capacity(resized.len());
+    for (((index, id), mut pixels), rgb) in resized.into_iter().zip(slots).zip(&prep.rgb) {
+        prep.normalizer.apply(rgb, pixels.as_mut_slice());
+        prepared.push(Prepared {
+            request: state.clone(),
+            index,
+            id,
+            pixels,
+        });
+    }
+    prep.rgb.truncate(prep.keep);
     state.set_decode(dequeued.elapsed());
     if finished {
         ctx.finish(&state);
