@@ -179,6 +179,67 @@ fn references_from_another_model_are_kept_but_not_searched() {
 }
 
 #[test]
+fn usable_references_between_another_model_s_are_each_searched_under_their_own_label() {
+    const OTHER: &str = "fedcba9876543210";
+    let dir = tempfile::tempdir().unwrap();
+    let with_model = |fp: &str, ops: Vec<(&str, &str, [f32; 3])>| {
+        let db = RefDb::open(dir.path(), settings(3, fp, 0)).unwrap();
+        let version = db.meta().version + 1;
+        let ops = ops
+            .into_iter()
+            .map(|(id, label, v)| {
+                RefOp::Upsert(NewRef::from_embedding(
+                    id.into(),
+                    label.into(),
+                    v.to_vec(),
+                    fp.into(),
+                ))
+            })
+            .collect();
+        db.apply(ops, version, None).unwrap();
+    };
+    // Stored in id order a, b, c, d: the other model's a and c sit between
+    // this model's b and d.
+    with_model(
+        OTHER,
+        vec![
+            ("a", "apple", [1.0, 0.0, 0.0]),
+            ("c", "cherry", [0.0, 0.0, 1.0]),
+        ],
+    );
+    with_model(
+        FP,
+        vec![
+            ("b", "banana", [0.0, 1.0, 0.0]),
+            ("d", "date", [0.0, 0.6, 0.8]),
+        ],
+    );
+    let db = RefDb::open(dir.path(), settings(3, FP, 0)).unwrap();
+    let label = |db: &RefDb, q: [f32; 3]| db.snapshot().index.search(&q, 1, 0.0).label;
+    let snap = db.snapshot();
+    assert_eq!(snap.stale().count(), 2);
+    assert_eq!(snap.index.len(), 2);
+    for (id, want) in [("b", "banana"), ("d", "date")] {
+        let row = snap.entries[id].row.expect("searchable") as usize;
+        assert_eq!(snap.index.rows()[row].ref_id.as_ref(), id);
+        assert_eq!(
+            snap.index.labels()[snap.index.rows()[row].label as usize].as_ref(),
+            want
+        );
+    }
+    assert_eq!(label(&db, [0.0, 1.0, 0.0]).as_deref(), Some("banana"));
+    assert_eq!(label(&db, [0.0, 0.6, 0.8]).as_deref(), Some("date"));
+    // An update keeps the rows it does not touch and adds its own.
+    let version = db.meta().version + 1;
+    db.apply(vec![emb("e", "egg", &[0.8, 0.6, 0.0])], version, None)
+        .unwrap();
+    assert_eq!(label(&db, [0.0, 1.0, 0.0]).as_deref(), Some("banana"));
+    assert_eq!(label(&db, [0.0, 0.6, 0.8]).as_deref(), Some("date"));
+    assert_eq!(label(&db, [0.8, 0.6, 0.0]).as_deref(), Some("egg"));
+    assert_eq!(db.snapshot().stale().count(), 2);
+}
+
+#[test]
 fn a_clear_then_upserts_is_a_snapshot() {
     let dir = tempfile::tempdir().unwrap();
     let db = RefDb::open(dir.path(), settings(2, FP, 2)).unwrap();

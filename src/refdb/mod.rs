@@ -308,8 +308,9 @@ impl RefDb {
             let usable = r.embedding.len() == settings.dim
                 && r.model_fingerprint == settings.model_fingerprint;
             let vector = if usable {
+                let row = loaded.len() / settings.dim.max(1);
                 loaded.extend_from_slice(&r.embedding);
-                Vector::Loaded(loaded.len() / settings.dim.max(1) - 1)
+                Vector::Loaded(row)
             } else {
                 tracing::warn!(
                     ref_id = %r.ref_id,
