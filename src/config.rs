@@ -18,6 +18,9 @@ pub const MIN_PACKET_BYTES: usize = 1024;
 
 /// Longest `metrics.interval_s` accepted: one day.
 pub const MAX_METRICS_INTERVAL_S: u64 = 86_400;
+/// Largest `pipeline.max_batch`: far beyond what any provider gains from,
+/// and it bounds the memory the pipeline sets aside for waiting crops.
+pub const MAX_BATCH: usize = 1024;
 
 /// Longest `bus.keep_alive_s` MQTT can carry (a 16-bit field).
 pub const MAX_KEEP_ALIVE_S: u64 = u16::MAX as u64;
@@ -596,6 +599,12 @@ impl LoadedConfig {
         {
             return bad("pipeline.max_batch, pipeline.queue_capacity and pipeline.queue_max_bytes must be at least 1");
         }
+        if c.pipeline.max_batch > MAX_BATCH {
+            return bad(&format!(
+                "pipeline.max_batch must be at most {MAX_BATCH} (got {})",
+                c.pipeline.max_batch
+            ));
+        }
         if c.limits.max_crops == 0 || c.limits.max_dimension == 0 || c.limits.max_pixels == 0 {
             return bad("limits.* must be at least 1");
         }
@@ -1080,6 +1089,15 @@ mod tests {
             assert!(err.contains("bus.max_packet_bytes"), "{err}");
         }
         load("[bus]\nmax_packet_bytes = 1024\n", &[]).unwrap();
+    }
+
+    #[test]
+    fn a_max_batch_beyond_the_bound_is_rejected() {
+        let err = load("[pipeline]\nmax_batch = 1025\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("pipeline.max_batch"), "{err}");
+        load("[pipeline]\nmax_batch = 1024\n", &[]).unwrap();
     }
 
     #[test]

@@ -61,7 +61,12 @@ impl Slab {
     pub fn new(slots: usize, per_image: usize) -> Arc<Self> {
         let slots = slots.max(1);
         let per_image = per_image.max(1);
-        let boxed: Box<[f32]> = vec![0f32; slots * per_image].into_boxed_slice();
+        // `pipeline.max_batch` is bounded by the config's checks and the
+        // image size by the model's manifest, so this holds.
+        let len = slots
+            .checked_mul(per_image)
+            .expect("the slab's size fits in memory's address space");
+        let boxed: Box<[f32]> = vec![0f32; len].into_boxed_slice();
         // Freed in `Drop` from this pointer and the length.
         let data = NonNull::from(Box::leak(boxed)).cast::<f32>();
         Arc::new(Self {
@@ -104,17 +109,18 @@ impl Slab {
             return out;
         }
         while out.len() < n {
-            match state.used.iter().position(|u| !u) {
-                Some(index) => {
-                    state.used[index] = true;
-                    out.push(Pixels::Slot(Lease {
-                        slab: Arc::clone(self),
-                        index,
-                    }));
-                }
-                None => out.push(Pixels::Own(vec![0f32; self.per_image])),
-            }
+            let Some(index) = state.used.iter().position(|u| !u) else {
+                break;
+            };
+            state.used[index] = true;
+            out.push(Pixels::Slot(Lease {
+                slab: Arc::clone(self),
+                index,
+            }));
         }
+        // Allocated without the lock, which others wait on to free slots.
+        drop(state);
+        out.resize_with(n, || Pixels::Own(vec![0f32; self.per_image]));
         out
     }
 
