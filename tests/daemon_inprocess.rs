@@ -37,12 +37,12 @@ fn image_crop(bytes: &[u8]) -> Mp {
     mp_map(vec![("image", Mp::Binary(bytes.to_vec()))])
 }
 
+/// This process's resident memory now, in kB.
 fn vm_rss_kb() -> u64 {
-    let s = std::fs::read_to_string("/proc/self/status").expect("/proc/self/status");
-    s.lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmRSS in /proc/self/status")
+    retail_agent::bench::Resident::of_self()
+        .expect("/proc/self/status")
+        .now
+        / 1024
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

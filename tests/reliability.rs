@@ -562,16 +562,9 @@ async fn answered_once(
 
 /// A process's resident memory in kB: (now, peak).
 fn rss_kb(pid: u32) -> (u64, u64) {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let field = |name: &str| {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(name))
-            .and_then(|v| v.split_whitespace().next())
-            .and_then(|v| v.parse::<u64>().ok())
-            .unwrap_or_else(|| panic!("{name} in /proc/{pid}/status"))
-    };
-    (field("VmRSS:"), field("VmHWM:"))
+    let r = retail_agent::bench::Resident::of_process(pid)
+        .unwrap_or_else(|e| panic!("resident memory of {pid}: {e}"));
+    (r.now / 1024, r.peak / 1024)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
