@@ -9,8 +9,8 @@
 //! keeps them together in a batch when they fit, beside other requests'
 //! crops; each result still lists its own items in order. Crops are
 //! normalised into slots of the [`slab`], from which a batch usually runs
-//! in place. Thread counts come from the [`budget`]. The pipeline owns no MQTT and no encoding
-//! choice beyond "answer in kind".
+//! in place. Thread counts come from the [`budget`]. The pipeline owns no
+//! MQTT and no encoding choice beyond "answer in kind".
 
 pub mod batcher;
 pub mod budget;

@@ -304,30 +304,38 @@ impl Store {
 
     /// All references in ascending byte order of `ref_id`.
     pub fn load_all(&self) -> Result<Vec<StoredRef>, StoreError> {
-        self.scan_refs()
+        let mut out = Vec::new();
+        self.for_each_ref(|r| {
+            out.push(r);
+            Ok(())
+        })?;
+        Ok(out)
     }
 
     /// Hands every reference, without its image, to `each` in ascending
     /// byte order of `ref_id`, one at a time: nothing holds them all.
     pub fn for_each_meta(
         &self,
-        mut each: impl FnMut(StoredMeta) -> Result<(), StoreError>,
+        each: impl FnMut(StoredMeta) -> Result<(), StoreError>,
+    ) -> Result<(), StoreError> {
+        self.for_each_ref(each)
+    }
+
+    /// Hands every stored reference, read as `T` (a record or part of
+    /// one), to `each` in ascending byte order of `ref_id`.
+    fn for_each_ref<T: serde::de::DeserializeOwned>(
+        &self,
+        mut each: impl FnMut(T) -> Result<(), StoreError>,
     ) -> Result<(), StoreError> {
         for item in self.tree.scan_prefix(REF_PREFIX) {
             let (key, value) = item?;
-            each(read_record(&key, &value)?)?;
+            let record = rmp_serde::from_slice(&value).map_err(|e| StoreError::Corrupt {
+                key: String::from_utf8_lossy(&key).into_owned(),
+                message: e.to_string(),
+            })?;
+            each(record)?;
         }
         Ok(())
-    }
-
-    /// Every stored reference read as `T` (a record or part of one).
-    fn scan_refs<T: serde::de::DeserializeOwned>(&self) -> Result<Vec<T>, StoreError> {
-        let mut out = Vec::new();
-        for item in self.tree.scan_prefix(REF_PREFIX) {
-            let (key, value) = item?;
-            out.push(read_record(&key, &value)?);
-        }
-        Ok(out)
     }
 
     /// Builds a fresh DB in `dir` (which must not exist) holding `records`
@@ -518,14 +526,6 @@ fn remove_unfinished_snapshots(dir: &Path) {
     }
 }
 
-/// A stored reference (or part of one) read from its sled entry.
-fn read_record<T: serde::de::DeserializeOwned>(key: &[u8], value: &[u8]) -> Result<T, StoreError> {
-    rmp_serde::from_slice(value).map_err(|e| StoreError::Corrupt {
-        key: String::from_utf8_lossy(key).into_owned(),
-        message: e.to_string(),
-    })
-}
-
 fn ref_key(ref_id: &str) -> Vec<u8> {
     [REF_PREFIX, ref_id.as_bytes()].concat()
 }
@@ -534,14 +534,17 @@ fn update_key(update_id: &str) -> Vec<u8> {
     [UPDATE_PREFIX, update_id.as_bytes()].concat()
 }
 
-/// Opens the DB just built by [`Store::build_fresh`] and swapped into
-/// `dir`. The builder's handle is dropped by then, but sled's background
-/// work in this process (its flusher, its thread pool's tasks; which one
-/// was not established) can still hold the DB and its file lock for a
-/// while on a loaded machine, and an immediate open then fails as `InUse`
-/// (seen once with 50 agents on 2 cores). No
-/// other process can hold a directory that has just been swapped in, so
-/// `InUse` is retried for up to [`RELOCK_WAIT`].
+/// Opens the DB in `dir` once this process's last handle on it has let go:
+/// the DB just built by [`Store::build_fresh`] and swapped into `dir`, or
+/// the one [`Store::reopen`] closed. The old handle is dropped by then, but
+/// sled's background work in this process (its flusher, its thread pool's
+/// tasks; which one was not established) can still hold the DB and its
+/// file lock for a while on a loaded machine, and an immediate open then
+/// fails as `InUse` (seen once with 50 agents on 2 cores). So `InUse` is
+/// retried for up to [`RELOCK_WAIT`]. Another process is not expected to
+/// take the lock in that moment: a swapped-in directory is new, and a
+/// reopen lets go only for an instant (if one does, this fails once the
+/// wait is over).
 fn open_once_released(dir: &Path, cache_mb: u64) -> Result<Store, StoreError> {
     let deadline = std::time::Instant::now() + RELOCK_WAIT;
     loop {

@@ -125,19 +125,17 @@ pub fn decode_image(bytes: &[u8], limits: &DecodeLimits) -> Result<RgbImage, Vis
     // decoder is made (PNG's fixes its own cap then); the output buffer is
     // counted against it, as `ImageReader::decode` does.
     let decode_err = |e: image::ImageError| VisionError::Decode(e.to_string());
+    let mut decoder_limits = image::Limits::default();
     // RGBA16 is the widest layout a decoder may produce, plus slack for its buffers.
-    let max_alloc = limits.max_pixels.saturating_mul(8).saturating_add(1 << 24);
-    let mut alloc_only = image::Limits::default();
-    alloc_only.max_alloc = Some(max_alloc);
+    decoder_limits.max_alloc = Some(limits.max_pixels.saturating_mul(8).saturating_add(1 << 24));
     let mut reader = image::ImageReader::with_format(Cursor::new(bytes), format);
-    reader.limits(alloc_only);
+    // Only the cap yet: a size over the limits is `TooLarge`, told below.
+    reader.limits(decoder_limits.clone());
     let mut decoder = reader.into_decoder().map_err(decode_err)?;
     let (width, height) = decoder.dimensions();
     limits.check_size(width, height)?;
-    let mut decoder_limits = image::Limits::default();
     decoder_limits.max_image_width = Some(limits.max_dimension);
     decoder_limits.max_image_height = Some(limits.max_dimension);
-    decoder_limits.max_alloc = Some(max_alloc);
     decoder_limits
         .reserve(decoder.total_bytes())
         .map_err(decode_err)?;
