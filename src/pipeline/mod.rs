@@ -284,7 +284,13 @@ impl Pipeline {
             threads.push(
                 std::thread::Builder::new()
                     .name(format!("decode-{i}"))
-                    .spawn(move || decode_worker(&ctx, &beat, &queue, &tx, &slab, prep))?,
+                    .spawn(move || {
+                        // A local, so it drops (and reports this thread's
+                        // end) before the channel it feeds closes and the
+                        // next thread ends for that reason.
+                        let beat = beat;
+                        decode_worker(&ctx, &beat, &queue, &tx, &slab, prep)
+                    })?,
             );
         }
         drop(tx);
@@ -317,7 +323,10 @@ impl Pipeline {
         threads.push(
             std::thread::Builder::new()
                 .name("finisher".into())
-                .spawn(move || finisher.run(&ctx3, &beat, &ran_rx, &free_tx))?,
+                .spawn(move || {
+                    let beat = beat; // dropped first, as in the decode workers
+                    finisher.run(&ctx3, &beat, &ran_rx, &free_tx)
+                })?,
         );
         let beat = ctx.health.register("inference");
         let inference_slab = slab.clone();
@@ -329,6 +338,10 @@ impl Pipeline {
                         ran: ran_tx,
                         free: free_rx,
                     };
+                    // Declared after `outputs`, so dropped before it: the
+                    // finisher must not see its input close (and end)
+                    // before this thread's end is reported.
+                    let beat = beat;
                     infer_loop(
                         &beat,
                         rx,
