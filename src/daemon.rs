@@ -41,7 +41,7 @@ pub struct Agent {
     refdb: Arc<RefDb>,
     status: Arc<StatusSource>,
     topics: Topics,
-    client: rumqttc::AsyncClient,
+    client: bus::BusClient,
     out: mpsc::Sender<ToBus>,
     accepting: Arc<AtomicBool>,
     stopping: watch::Sender<bool>,
@@ -141,6 +141,7 @@ impl Agent {
             out: out_tx.clone(),
             max_packet_bytes: c.bus.max_packet_bytes,
             health: health.clone(),
+            logs: Default::default(),
         };
         let gpu = engine.provider() != ExecutionProviderKind::Cpu;
         let budget = ThreadBudget::for_this_machine(&c.runtime, &c.pipeline, gpu);
@@ -189,6 +190,7 @@ impl Agent {
         }
         let options = bus::mqtt_options(&cfg, &status, &topics)?;
         let (client, eventloop) = rumqttc::AsyncClient::new(options, 1024);
+        let client = bus::BusClient::new(client, Arc::new(bus::flow::OutgoingGauge::default()));
         let (connected_tx, connected_rx) = watch::channel(false);
         let (subscribed_tx, subscribed_rx) = watch::channel(false);
         let (stopping_tx, stopping_rx) = watch::channel(false);
@@ -233,6 +235,9 @@ impl Agent {
                 warn_duplicate: AtomicBool::new(true),
                 subscribed: subscribed_tx,
                 health: health.clone(),
+                hard_limit_log: crate::log_summary::FloodLog::new(
+                    "reading from the broker paused at the queue's hard limit",
+                ),
             }
             .run(),
         );

@@ -22,6 +22,7 @@ pub mod fault;
 pub mod fleet;
 pub mod health;
 pub mod heap;
+pub mod log_summary;
 pub mod logging;
 pub mod manifest;
 pub mod metrics;

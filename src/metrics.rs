@@ -154,6 +154,8 @@ struct Counters {
     batches: AtomicU64,
     batched_crops: AtomicU64,
     batches_in_place: AtomicU64,
+    read_holds: AtomicU64,
+    read_hold_us: AtomicU64,
 }
 
 pub struct Metrics {
@@ -189,6 +191,10 @@ pub struct Totals {
     pub batched_crops: u64,
     /// Batches run straight from the decode workers' slots, not copied.
     pub batches_in_place: u64,
+    /// Times the bus stopped reading from the broker because the pipeline
+    /// was full of held QoS 1 requests, and how long in all (flow control).
+    pub read_holds: u64,
+    pub read_hold_ms: u64,
 }
 
 macro_rules! counter {
@@ -218,6 +224,15 @@ impl Metrics {
         self.totals
             .batches_in_place
             .fetch_add(u64::from(in_place), Ordering::Relaxed);
+    }
+
+    /// The bus stopped reading from the broker for `waited` (flow
+    /// control); a lifetime total only, like `batches_in_place`.
+    pub fn add_read_hold(&self, waited: Duration) {
+        self.totals.read_holds.fetch_add(1, Ordering::Relaxed);
+        self.totals
+            .read_hold_us
+            .fetch_add(waited.as_micros() as u64, Ordering::Relaxed);
     }
 
     pub fn set_queue_depth(&self, depth: usize) {
@@ -253,6 +268,8 @@ impl Metrics {
             batches: t.batches.load(Ordering::Relaxed),
             batched_crops: t.batched_crops.load(Ordering::Relaxed),
             batches_in_place: t.batches_in_place.load(Ordering::Relaxed),
+            read_holds: t.read_holds.load(Ordering::Relaxed),
+            read_hold_ms: t.read_hold_us.load(Ordering::Relaxed) / 1000,
         }
     }
 

@@ -94,6 +94,16 @@ pub fn render(e: &Exported) -> String {
             "Inference batches run straight from the decode workers' slots, without a copy.",
             t.batches_in_place,
         ),
+        (
+            "retail_agent_read_holds_total",
+            "Times the agent stopped reading from the broker while its queue was full of held QoS 1 requests (flow control).",
+            t.read_holds,
+        ),
+        (
+            "retail_agent_read_hold_milliseconds_total",
+            "Time spent not reading from the broker for flow control.",
+            t.read_hold_ms,
+        ),
     ] {
         header(&mut out, name, "counter", help);
         let _ = writeln!(out, "{name} {value}");

@@ -984,3 +984,370 @@ async fn every_qos1_request_published_around_a_broker_outage_is_answered() {
     );
     agent.stop().await.expect("clean stop");
 }
+
+// ---- Flow control under floods that fill every buffer (issue: a QoS 1
+// flood used to wedge the agent: holding back the event loop also held
+// back its own PUBACKs and pings, and the publisher blocked behind them).
+
+/// A broker whose in-flight window toward each client is unlimited: it
+/// sends every queued QoS 1 request at once, as Mosquitto 2.0 does in
+/// practice under a burst, so the agent's own flow control is all there is.
+fn unlimited_window_broker() -> Mosquitto {
+    Mosquitto::start_with_config(|port, dir| {
+        format!(
+            "listener {port} 127.0.0.1\nuser root\nallow_anonymous true\nset_tcp_nodelay true\npersistence false\nmax_queued_messages 200000\nmax_inflight_messages 0\nmax_packet_size 20000000\nlog_dest file {}/mosquitto.log\n",
+            dir.display()
+        )
+    })
+}
+
+/// The agent of `h` as a process of its own, logging at INFO into
+/// `agent.log` in its home; returns once its Status says online.
+async fn spawn_logged_agent(h: &AgentHome, c: &mut TestClient) -> (Killed, std::path::PathBuf) {
+    let log_path = h.path().join("agent.log");
+    let log = std::fs::File::create(&log_path).unwrap();
+    let agent = Killed(
+        std::process::Command::new(env!("CARGO_BIN_EXE_retail-agent"))
+            .args(["run", "-c"])
+            .arg(&h.config_path)
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap(),
+    );
+    let online = Instant::now() + Duration::from_secs(60);
+    loop {
+        let left = online.saturating_duration_since(Instant::now());
+        let (_, p, _) = c.next(left).await.expect("the agent comes online");
+        if to_json(&p)["state"] == "online" {
+            break;
+        }
+    }
+    (agent, log_path)
+}
+
+/// Lines of the agent's log that say it stalled, lost the broker or gave
+/// up, and how many times it connected.
+fn stalls_and_connections(log_path: &std::path::Path) -> (Vec<String>, usize) {
+    let text = std::fs::read_to_string(log_path).unwrap();
+    let stalls = text
+        .lines()
+        .filter(|l| l.contains("stuck") || l.contains("connection failed") || l.contains("exiting"))
+        .map(str::to_string)
+        .collect();
+    let connections = text
+        .lines()
+        .filter(|l| l.contains("connected to the broker"))
+        .count();
+    (stalls, connections)
+}
+
+/// Collects, for the ids in `want`, results (answered) and ErrorReports
+/// (id -> reason) until each id has one or `timeout` passes.
+async fn answers_and_reports(
+    c: &mut TestClient,
+    results: &str,
+    errors: &str,
+    want: &HashSet<String>,
+    timeout: Duration,
+) -> (HashSet<String>, std::collections::HashMap<String, String>) {
+    let mut answered = HashSet::new();
+    let mut reported = std::collections::HashMap::new();
+    let deadline = Instant::now() + timeout;
+    while answered.len() + reported.len() < want.len() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let Some((t, p, _)) = c.next(left).await else {
+            let missing: Vec<_> = want
+                .iter()
+                .filter(|id| !answered.contains(*id) && !reported.contains_key(*id))
+                .take(10)
+                .collect();
+            panic!(
+                "after {timeout:?}: {} answered, {} reported of {}; missing e.g. {missing:?}",
+                answered.len(),
+                reported.len(),
+                want.len()
+            );
+        };
+        let v = to_json(&p);
+        let Some(id) = v["request_id"].as_str().filter(|id| want.contains(*id)) else {
+            continue;
+        };
+        if t == results {
+            answered.insert(id.to_string());
+        } else if t == errors {
+            reported.insert(
+                id.to_string(),
+                v["reason"].as_str().unwrap_or_default().to_string(),
+            );
+        }
+    }
+    (answered, reported)
+}
+
+/// Publishes `n` single-crop QoS 1 requests `{prefix}-{i:05}` as fast as
+/// the client goes; `special(i)` may replace one with another payload.
+async fn qos1_burst(
+    c: &TestClient,
+    crops: &str,
+    prefix: &str,
+    n: usize,
+    special: impl Fn(usize, &str) -> Option<Vec<u8>>,
+) -> Vec<String> {
+    let qs = one_query_per_label(&queries());
+    let mut ids = Vec::with_capacity(n);
+    for i in 0..n {
+        let id = format!("{prefix}-{i:05}");
+        let payload =
+            special(i, &id).unwrap_or_else(|| request(&id, vec![image(&qs[i % LABELS].1)], vec![]));
+        c.client
+            .publish(crops, rumqttc::QoS::AtLeastOnce, false, payload)
+            .await
+            .expect("queue a publish");
+        ids.push(id);
+    }
+    ids
+}
+
+/// After a burst: a normal request is answered within half the keep-alive
+/// (15 s with the default 30 s), and the log shows no stall, no lost
+/// connection and no reconnection.
+async fn answers_promptly_and_never_stalled(
+    c: &mut TestClient,
+    t: &DevTopics,
+    log_path: &std::path::Path,
+    probe: &str,
+) {
+    let qs = one_query_per_label(&queries());
+    let sent = Instant::now();
+    c.publish(&t.crops, 1, request(probe, vec![image(&qs[0].1)], vec![]))
+        .await;
+    let (got, _) =
+        collect_results(c, &t.results, &t.errors, &[probe], Duration::from_secs(15)).await;
+    assert_eq!(got.len(), 1, "{probe} answered within 15 s after the burst");
+    eprintln!("{probe} answered {:?} after it was sent", sent.elapsed());
+    let (stalls, connections) = stalls_and_connections(log_path);
+    assert!(
+        stalls.is_empty(),
+        "the agent stalled or lost the broker: {stalls:#?}"
+    );
+    assert_eq!(connections, 1, "the agent reconnected during the burst");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_qos1_burst_past_every_internal_buffer_is_answered_in_full_without_a_stall_or_reconnect()
+{
+    // 3,000 requests against a queue of 16: far past the queue, its hard
+    // limit, the 1,024-message channel to the publisher and rumqttc's
+    // 1,024-request queue together, which is where the old cycle closed.
+    const N: usize = 3000;
+    let broker = unlimited_window_broker();
+    let dev = "qos1-wall";
+    let t = DevTopics::new(dev);
+    let h = home(dev, broker.port, "", "[pipeline]\nqueue_capacity = 16\n");
+    let mut c = TestClient::connect(
+        broker.port,
+        "qos1-wall-client",
+        &[&t.results, &t.errors, &t.status],
+    )
+    .await;
+    let (agent, log_path) = spawn_logged_agent(&h, &mut c).await;
+    let started = Instant::now();
+    let ids = qos1_burst(&c, &t.crops, "w", N, |_, _| None).await;
+    let want: HashSet<String> = ids.into_iter().collect();
+    let (answered, reported) = answers_and_reports(
+        &mut c,
+        &t.results,
+        &t.errors,
+        &want,
+        Duration::from_secs(240),
+    )
+    .await;
+    assert_eq!(
+        (answered.len(), reported.len()),
+        (N, 0),
+        "every QoS 1 request answered, none dropped: {:?}",
+        reported.iter().take(3).collect::<Vec<_>>()
+    );
+    eprintln!("{N} QoS 1 requests answered in {:?}", started.elapsed());
+    answers_promptly_and_never_stalled(&mut c, &t, &log_path, "after-wall").await;
+    drop(agent);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_qos0_flood_logs_a_few_summary_lines_and_a_qos1_burst_after_it_is_answered_in_full() {
+    const FLOOD: usize = 20_000;
+    const N: usize = 2000;
+    let broker = unlimited_window_broker();
+    let dev = "flood-then-wall";
+    let t = DevTopics::new(dev);
+    let h = home(dev, broker.port, "", "[pipeline]\nqueue_capacity = 16\n");
+    let mut c = TestClient::connect(
+        broker.port,
+        "ftw-client",
+        &[&t.results, &t.errors, &t.status],
+    )
+    .await;
+    let (agent, log_path) = spawn_logged_agent(&h, &mut c).await;
+    let lines_before = std::fs::read_to_string(&log_path).unwrap().lines().count();
+    let qs = one_query_per_label(&queries());
+    for i in 0..FLOOD {
+        c.publish(
+            &t.crops,
+            0,
+            request(&format!("f-{i:05}"), vec![image(&qs[i % LABELS].1)], vec![]),
+        )
+        .await;
+    }
+    // Every flood request answered or reported (one by one or in an
+    // aggregate report).
+    let (mut answered, mut reported, mut aggregated) = (0usize, 0usize, 0usize);
+    let deadline = Instant::now() + Duration::from_secs(180);
+    while answered + reported + aggregated < FLOOD {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let Some((topic, p, _)) = c.next(left).await else {
+            panic!("flood: {answered} answered, {reported} reported, {aggregated} aggregated of {FLOOD}");
+        };
+        let v = to_json(&p);
+        if topic == t.results {
+            answered += 1;
+        } else if topic == t.errors {
+            match v["request_id"].as_str() {
+                Some(_) => reported += 1,
+                None => {
+                    aggregated += v["reason"]
+                        .as_str()
+                        .and_then(|r| r.split_whitespace().nth(1))
+                        .and_then(|n| n.parse::<usize>().ok())
+                        .expect("the aggregate report says how many")
+                }
+            }
+        }
+    }
+    // Let the last summary line be written (one per kind every 5 s).
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let log = std::fs::read_to_string(&log_path).unwrap();
+    let flood_lines = log.lines().count() - lines_before;
+    eprintln!(
+        "QoS 0 flood of {FLOOD}: {answered} answered, {reported} reported, {aggregated} in aggregate; {flood_lines} log lines"
+    );
+    assert!(
+        reported + aggregated > FLOOD / 2,
+        "the flood overflowed the queue"
+    );
+    assert!(
+        flood_lines < 200,
+        "{flood_lines} log lines for a flood of {FLOOD}:\n{}",
+        log.lines().rev().take(20).collect::<Vec<_>>().join("\n")
+    );
+    assert!(
+        log.contains("request dropped") && log.contains("more since the last line"),
+        "drops are logged, as summaries:\n{log}"
+    );
+
+    let ids = qos1_burst(&c, &t.crops, "a", N, |_, _| None).await;
+    let want: HashSet<String> = ids.into_iter().collect();
+    let (answered, reported) = answers_and_reports(
+        &mut c,
+        &t.results,
+        &t.errors,
+        &want,
+        Duration::from_secs(240),
+    )
+    .await;
+    assert_eq!((answered.len(), reported.len()), (N, 0));
+    answers_promptly_and_never_stalled(&mut c, &t, &log_path, "after-flood-and-wall").await;
+    drop(agent);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_requests_and_answers_mixed_into_a_qos1_burst_are_each_reported_and_the_rest_answered(
+) {
+    const N: usize = 2000;
+    let broker = unlimited_window_broker();
+    let dev = "mixed-wall";
+    let t = DevTopics::new(dev);
+    // Requests over 256 KiB are refused; so is an answer that would not fit.
+    let h = home(
+        dev,
+        broker.port,
+        "max_packet_bytes = 262144",
+        "[pipeline]\nqueue_capacity = 16\n[limits]\nmax_crops = 1000\n",
+    );
+    let mut c = TestClient::connect(
+        broker.port,
+        "mixed-client",
+        &[&t.results, &t.errors, &t.status],
+    )
+    .await;
+    let (agent, log_path) = spawn_logged_agent(&h, &mut c).await;
+    let big_frame = Mp::Binary(vec![0x5a; 17 << 20]);
+    let tiny_raw = mp_map(vec![(
+        "raw",
+        mp_map(vec![
+            ("width", Mp::from(2)),
+            ("height", Mp::from(2)),
+            ("format", Mp::from("rgb8")),
+            ("data", Mp::Binary(vec![128; 12])),
+        ]),
+    )]);
+    let qs = one_query_per_label(&queries());
+    let (large, too_many): (HashSet<usize>, HashSet<usize>) = (
+        (0..N).filter(|i| i % 400 == 7).collect(),
+        (0..N).filter(|i| i % 150 == 11).collect(),
+    );
+    let ids = qos1_burst(&c, &t.crops, "m", N, |i, id| {
+        if large.contains(&i) {
+            // 17 MB: a frame no request of this agent may carry.
+            Some(request(
+                id,
+                vec![image(&qs[0].1)],
+                vec![("frame", big_frame.clone())],
+            ))
+        } else if too_many.contains(&i) {
+            // 600 crops x 12 candidates: an answer over 256 KiB.
+            Some(request(
+                id,
+                vec![tiny_raw.clone(); 600],
+                vec![("top_k", Mp::from(20))],
+            ))
+        } else {
+            None
+        }
+    })
+    .await;
+    let want: HashSet<String> = ids.iter().cloned().collect();
+    let (answered, reported) = answers_and_reports(
+        &mut c,
+        &t.results,
+        &t.errors,
+        &want,
+        Duration::from_secs(240),
+    )
+    .await;
+    for (i, id) in ids.iter().enumerate() {
+        if large.contains(&i) || too_many.contains(&i) {
+            let reason = reported
+                .get(id)
+                .unwrap_or_else(|| panic!("{id} is reported, not answered"));
+            assert!(reason.contains("bus.max_packet_bytes"), "{id}: {reason}");
+        } else {
+            assert!(
+                answered.contains(id),
+                "{id} answered: {:?}",
+                reported.get(id)
+            );
+        }
+    }
+    eprintln!(
+        "{} answered, {} reported ({} of 17 MB, {} oversized answers)",
+        answered.len(),
+        reported.len(),
+        large.len(),
+        too_many.len()
+    );
+    answers_promptly_and_never_stalled(&mut c, &t, &log_path, "after-mixed").await;
+    drop(agent);
+}

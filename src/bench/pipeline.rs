@@ -216,6 +216,7 @@ impl OfflinePipeline {
             out,
             max_packet_bytes: c.bus.max_packet_bytes,
             health: Health::new(c.supervision.stall_timeout()),
+            logs: Default::default(),
         };
         let pipeline_cfg = PipelineConfig {
             decode_workers: budget.decode_workers,

@@ -14,8 +14,6 @@
 use std::collections::VecDeque;
 use std::sync::Mutex;
 
-use rumqttc::{AsyncClient, Publish};
-
 use super::AckToken;
 
 struct Entry {
@@ -113,20 +111,6 @@ impl AckSequencer {
         s.first_seq = s.next_seq;
         s.pending.clear();
         s.unsent.clear();
-    }
-}
-
-/// Queues the PUBACK (or PUBREC) of `token` on the MQTT client; false when
-/// its request queue is full (the sequencer keeps the token for later).
-pub fn send_ack(client: &AsyncClient, token: AckToken) -> bool {
-    let mut p = Publish::new("", super::qos(token.qos), Vec::<u8>::new());
-    p.pkid = token.pkid;
-    match client.try_ack(&p) {
-        Ok(()) => true,
-        Err(err) => {
-            tracing::debug!(pkid = token.pkid, "acknowledgement waits: {err}");
-            false
-        }
     }
 }
 

@@ -62,10 +62,10 @@ pub trait RequestSink: Send + Sync {
     /// Reports `msg` as not handled for `reason` (over a limit) and
     /// acknowledges it; never queues it.
     fn refuse(&self, msg: Incoming, reason: String);
-    /// True while the sink holds as many acknowledged-later (QoS 1)
-    /// requests as it should: the bus then stops reading from the broker,
-    /// which keeps the rest (flow control instead of drops).
-    fn saturated(&self) -> bool {
-        false
+    /// How full the sink is of acknowledged-later (QoS 1) requests: the
+    /// bus reads less from the broker as it fills, which keeps the rest
+    /// (flow control instead of drops; see [`super::flow`]).
+    fn intake(&self) -> super::Intake {
+        super::Intake::Open
     }
 }

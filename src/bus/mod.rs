@@ -2,14 +2,18 @@
 //! retained Status and its Last Will, and publishing with an outbox that
 //! survives disconnections.
 //!
-//! Two tasks: the event loop (always polled; reconnects with capped
-//! exponential backoff; routes incoming messages) and the publisher (hands
-//! outgoing messages to rumqttc while connected, keeps them in a bounded
-//! outbox while not, acknowledges each request after its answer). The
-//! payload types are in [`crate::protocol`]; what happens to a request is the
-//! pipeline's business.
+//! Two tasks: the event loop (polled whenever anything of ours is on the
+//! connection; reconnects with capped exponential backoff; routes incoming
+//! messages; reads less while the pipeline is full, see [`flow`]) and the
+//! publisher (hands outgoing messages to rumqttc without ever waiting on
+//! it, keeps what rumqttc cannot take yet in a backlog and, while
+//! disconnected, in a bounded outbox; acknowledges each request after its
+//! answer). The payload types are in [`crate::protocol`]; what happens to a
+//! request is the pipeline's business.
 
 pub mod acks;
+pub mod client;
+pub mod flow;
 pub mod message;
 pub mod tls;
 pub mod topics;
@@ -20,8 +24,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rumqttc::{
-    AsyncClient, ConnectionError, Event, EventLoop, LastWill, MqttOptions, NetworkOptions,
-    Outgoing, Packet, Publish, QoS, Request, TlsConfiguration, Transport,
+    ConnectionError, Event, EventLoop, LastWill, MqttOptions, NetworkOptions, Outgoing, Packet,
+    Publish, QoS, Request, TlsConfiguration, Transport,
 };
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
@@ -31,6 +35,8 @@ use crate::metrics::Metrics;
 use crate::protocol::{self, AgentState, ModelRef, RefDbState, Status, StatusPeek, Will};
 use crate::refdb::RefDb;
 pub use acks::AckSequencer;
+pub use client::BusClient;
+pub use flow::Intake;
 pub use message::{fits_packet, AckToken, Incoming, Outbound, RequestSink, ToBus};
 pub use topics::Topics;
 
@@ -196,7 +202,7 @@ pub fn connection_options(cfg: &LoadedConfig, client_id: String) -> anyhow::Resu
 /// Everything the event-loop task works with.
 pub struct EventLoopTask {
     pub eventloop: EventLoop,
-    pub client: AsyncClient,
+    pub client: BusClient,
     pub topics: Topics,
     pub status: Arc<StatusSource>,
     pub requests: Arc<dyn RequestSink>,
@@ -220,6 +226,8 @@ pub struct EventLoopTask {
     pub subscribed: watch::Sender<bool>,
     /// Where the task registers its heartbeat.
     pub health: crate::health::Health,
+    /// Pauses at the queue's hard limit, logged at most every few seconds.
+    pub hard_limit_log: crate::log_summary::FloodLog,
 }
 
 /// A connection up this long counts as healthy: the reconnection backoff
@@ -294,16 +302,39 @@ impl EventLoopTask {
         let mut offline_echoed = false;
         let mut disconnecting = false;
         let beat = self.health.register("bus-events");
+        let keep_alive = self.eventloop.mqtt_options.keep_alive();
+        // When this connection last sent a PINGREQ (or connected): a ping
+        // falls due a keep-alive later, and the event loop must not hold
+        // back while one is due or unanswered.
+        let mut last_ping = Instant::now();
+        let mut polls = 0u32;
         loop {
-            if self.requests.saturated() {
-                let limit = self.eventloop.mqtt_options.keep_alive() / 2;
-                hold_back_while_saturated(&*self.requests, &self.stopping, limit).await;
+            // With data always ready (a flood), rumqttc's poll may not yield
+            // for a long while; the publisher shares this runtime (often a
+            // single thread) and must drain the pipeline's answers.
+            polls = polls.wrapping_add(1);
+            if polls % 32 == 0 {
+                tokio::task::yield_now().await;
             }
+            if !*self.stopping.borrow() {
+                self.hold_back(keep_alive, last_ping).await;
+            }
+            // rumqttc sends its re-send list before its request queue; a
+            // request taken from that list was never counted as ours.
+            let resending = self.eventloop.pending.len();
             let event = self.eventloop.poll().await;
+            if let Ok(Event::Outgoing(o)) = &event {
+                if matches!(o, Outgoing::PingReq) {
+                    last_ping = Instant::now();
+                } else if counts_as_taken(o) && self.eventloop.pending.len() >= resending {
+                    self.client.gauge().taken();
+                }
+            }
             let busy = beat.busy();
             match event {
                 Ok(Event::Incoming(Packet::ConnAck(ack))) => {
                     connected_at = Some(Instant::now());
+                    last_ping = Instant::now();
                     self.warn_duplicate.store(true, Ordering::Relaxed);
                     if !ack.session_present && !saved.is_empty() {
                         // rumqttc drops its in-flight messages when the broker has
@@ -354,6 +385,7 @@ impl EventLoopTask {
                     let _ = self.subscribed.send(false);
                     let _ = self.connected.send(false);
                     self.acks.reset();
+                    self.client.gauge().connection_lost();
                     if *self.stopping.borrow() {
                         debug!("connection closed during shutdown: {e}");
                         break;
@@ -415,6 +447,59 @@ impl EventLoopTask {
         }
     }
 
+    /// What of ours is on the connection now.
+    fn ours(&self, ping_due: bool) -> flow::Ours {
+        let state = &self.eventloop.state;
+        flow::Ours {
+            queued_in_client: self.client.gauge().queued(),
+            awaiting_acks: state.inflight(),
+            awaiting_pingresp: state.await_pingresp || ping_due,
+            resending: self.eventloop.pending.len(),
+            unsent_acks: self.acks.unsent(),
+            backlog: self.client.gauge().backlog(),
+        }
+    }
+
+    /// Flow control (see [`flow`]): while the pipeline is full of held QoS 1
+    /// requests, stop reading from the broker, which keeps the rest queued
+    /// for us (TCP pushes back), but only as long as [`flow::hold`] allows.
+    /// Ends the moment something of ours is handed to rumqttc or waits, the
+    /// pipeline has room, or after half the keep-alive.
+    async fn hold_back(&mut self, keep_alive: Duration, last_ping: Instant) {
+        let started = Instant::now();
+        let limit = keep_alive / 2;
+        let mut stopping = self.stopping.clone();
+        let mut held = None;
+        loop {
+            let ping_due = last_ping.elapsed() >= keep_alive;
+            let why = flow::hold(self.requests.intake(), &self.ours(ping_due));
+            if why.is_none() || started.elapsed() >= limit || *stopping.borrow() {
+                break;
+            }
+            held = why;
+            tokio::select! {
+                _ = self.client.gauge().woken() => {}
+                _ = tokio::time::sleep(Duration::from_millis(2)) => {}
+                _ = stopping.changed() => {}
+            }
+        }
+        if let Some(why) = held {
+            let waited = started.elapsed();
+            self.metrics.add_read_hold(waited);
+            if why == flow::Hold::HardLimit {
+                self.hard_limit_log.event(
+                    None,
+                    &format!(
+                        "the broker sent more unacknowledged QoS 1 requests than the queue's hard limit ({}x pipeline.queue_capacity or {}x queue_max_bytes); reading paused {} ms while the pipeline drained. Lower the broker's in-flight window (Mosquitto: max_inflight_messages) to at most pipeline.queue_capacity",
+                        crate::pipeline::queue::HARD_LIMIT_COUNT_FACTOR,
+                        crate::pipeline::queue::HARD_LIMIT_FACTOR,
+                        waited.as_millis()
+                    ),
+                );
+            }
+        }
+    }
+
     fn publish_status(&self) {
         let payload = self.status.status_payload(AgentState::Online);
         if let Err(e) =
@@ -461,7 +546,7 @@ impl EventLoopTask {
         let own_offline = topic == self.topics.status && self.check_own_status(&p.payload);
         if p.qos != QoS::AtMostOnce {
             let token = self.acks.register(p.pkid, p.qos as u8);
-            self.acks.done(token, |t| acks::send_ack(&self.client, t));
+            self.acks.done(token, |t| self.client.try_ack(t));
         }
         own_offline
     }
@@ -501,21 +586,19 @@ impl EventLoopTask {
     }
 }
 
-/// Flow control: while the pipeline holds all the QoS 1 requests it should,
-/// the event loop stops reading from the broker (TCP then pushes back, and
-/// the broker keeps further messages queued for us). Reading resumes as the
-/// queue drains, or after `limit` (half the keep-alive, so the connection
-/// stays up: rumqttc sends its pings from `poll`). Answers waiting to go out
-/// are buffered in the channels to rumqttc meanwhile.
-async fn hold_back_while_saturated(
-    requests: &dyn RequestSink,
-    stopping: &watch::Receiver<bool>,
-    limit: Duration,
-) {
-    let started = Instant::now();
-    while requests.saturated() && started.elapsed() < limit && !*stopping.borrow() {
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
+/// Whether rumqttc emits `o` when it takes one of our requests from its
+/// queue (a collision's AwaitAck is not: the publish goes out later, as an
+/// Outgoing::Publish of its own).
+fn counts_as_taken(o: &Outgoing) -> bool {
+    matches!(
+        o,
+        Outgoing::Publish(_)
+            | Outgoing::PubAck(_)
+            | Outgoing::PubRec(_)
+            | Outgoing::Subscribe(_)
+            | Outgoing::Unsubscribe(_)
+            | Outgoing::Disconnect
+    )
 }
 
 fn log_connection_error(e: &ConnectionError, backoff: Duration) {
@@ -525,10 +608,14 @@ fn log_connection_error(e: &ConnectionError, backoff: Duration) {
     );
 }
 
-/// Hands messages to rumqttc while connected; keeps up to `capacity`
-/// messages (QoS > 0) in an outbox while not, dropping the oldest beyond.
+/// Hands messages to rumqttc without ever waiting on it: what its full
+/// request queue cannot take stays in a backlog, in order, and is handed
+/// over as room appears (every few milliseconds), so the pipeline's answers
+/// never wait on the socket and flow control can never block them (see
+/// [`flow`]). While disconnected, keeps up to `capacity` messages (QoS > 0)
+/// in the backlog, dropping the oldest beyond.
 pub struct PublisherTask {
-    pub client: AsyncClient,
+    pub client: BusClient,
     pub rx: mpsc::Receiver<ToBus>,
     pub connected: watch::Receiver<bool>,
     pub capacity: usize,
@@ -541,90 +628,123 @@ pub struct PublisherTask {
     pub health: crate::health::Health,
 }
 
+/// How often the publisher retries a backlog that rumqttc's queue refused.
+const BACKLOG_RETRY: Duration = Duration::from_millis(2);
+
+/// The publisher's messages not yet handed to rumqttc, and the flushes
+/// waiting for them.
+struct Backlog {
+    messages: VecDeque<Outbound>,
+    /// Messages ever queued and ever handed over (or discarded).
+    queued: u64,
+    handed: u64,
+    /// Flush requests, each answered once `handed` reaches its mark.
+    flushes: VecDeque<(u64, tokio::sync::oneshot::Sender<()>)>,
+}
+
 impl PublisherTask {
     pub async fn run(mut self) {
-        let mut outbox: VecDeque<Outbound> = VecDeque::new();
+        let mut backlog = Backlog {
+            messages: VecDeque::new(),
+            queued: 0,
+            handed: 0,
+            flushes: VecDeque::new(),
+        };
+        let dropped_log = crate::log_summary::FloodLog::new("outgoing message dropped");
+        let mut connected = self.connected.clone();
         let beat = self.health.register("bus-publisher");
         loop {
+            let retry = !backlog.messages.is_empty() && *connected.borrow();
             tokio::select! {
                 biased;
-                changed = self.connected.changed() => {
+                changed = connected.changed() => {
                     if changed.is_err() {
                         break;
                     }
-                    if *self.connected.borrow() {
-                        self.drain(&mut outbox).await;
+                    if *connected.borrow() && !backlog.messages.is_empty() {
+                        info!(
+                            count = backlog.messages.len(),
+                            "publishing messages kept while disconnected"
+                        );
                     }
                 }
                 cmd = self.rx.recv() => match cmd {
                     None => break,
                     Some(ToBus::Send(m)) => {
-                        let _busy = beat.busy();
-                        if *self.connected.borrow() && outbox.is_empty() {
-                            self.send(m).await;
-                        } else if m.qos > 0 {
-                            if outbox.len() >= self.capacity {
-                                outbox.pop_front();
+                        let online = *connected.borrow();
+                        if !online && m.qos == 0 {
+                            // Nobody expects a QoS 0 message to survive an outage.
+                        } else {
+                            if !online && backlog.messages.len() >= self.capacity {
+                                backlog.messages.pop_front();
+                                backlog.handed += 1;
                                 self.metrics.add_dropped(1);
-                                warn!("outbox full while disconnected: dropped the oldest message");
+                                dropped_log.event(
+                                    None,
+                                    "the outbox kept while disconnected is full (bus.outbox_capacity): dropped the oldest message",
+                                );
                             }
-                            outbox.push_back(m);
+                            backlog.messages.push_back(m);
+                            backlog.queued += 1;
                         }
                     }
                     Some(ToBus::Flush(done)) => {
-                        if *self.connected.borrow() {
-                            self.drain(&mut outbox).await;
+                        if *connected.borrow() {
+                            backlog.flushes.push_back((backlog.queued, done));
+                        } else {
+                            let _ = done.send(());
                         }
-                        let _ = done.send(());
                     }
                 },
-                // Acknowledgements rumqttc's full queue could not take
-                // wait in order; hand them over as soon as it has room.
-                _ = tokio::time::sleep(Duration::from_millis(2)), if self.acks.unsent() > 0 => {
-                    self.acks.retry(|t| acks::send_ack(&self.client, t));
+                _ = tokio::time::sleep(BACKLOG_RETRY), if retry || self.acks.unsent() > 0 => {}
+            }
+            let _busy = beat.busy();
+            if *connected.borrow() {
+                self.hand_over(&mut backlog);
+            }
+            self.acks.retry(|t| self.client.try_ack(t));
+            self.client.gauge().set_backlog(backlog.messages.len());
+            dropped_log.flush();
+            while backlog
+                .flushes
+                .front()
+                .is_some_and(|(mark, _)| backlog.handed >= *mark || !*connected.borrow())
+            {
+                if let Some((_, done)) = backlog.flushes.pop_front() {
+                    let _ = done.send(());
                 }
             }
         }
     }
 
-    async fn drain(&self, outbox: &mut VecDeque<Outbound>) {
-        if !outbox.is_empty() {
-            info!(
-                count = outbox.len(),
-                "publishing messages kept while disconnected"
-            );
-        }
-        while let Some(m) = outbox.pop_front() {
-            self.send(m).await;
-        }
-    }
-
-    async fn send(&self, m: Outbound) {
-        if !fits_packet(&m.topic, m.payload.len(), self.max_packet_bytes) {
-            // The pipeline replaces results that do not fit; anything else
-            // this large is a bug, reported here instead of looping.
-            tracing::error!(
-                topic = %m.topic,
-                bytes = m.payload.len(),
-                limit = self.max_packet_bytes,
-                "outgoing message over bus.max_packet_bytes: not sent"
-            );
-            self.metrics.add_errors(1);
-            if let Some(ack) = m.ack {
-                self.acks.done(ack, |t| acks::send_ack(&self.client, t));
+    /// Hands the backlog to rumqttc in order until its queue is full.
+    fn hand_over(&self, backlog: &mut Backlog) {
+        while let Some(mut m) = backlog.messages.pop_front() {
+            if !fits_packet(&m.topic, m.payload.len(), self.max_packet_bytes) {
+                // The pipeline replaces results that do not fit; anything
+                // else this large is a bug, reported here instead of looping.
+                tracing::error!(
+                    topic = %m.topic,
+                    bytes = m.payload.len(),
+                    limit = self.max_packet_bytes,
+                    "outgoing message over bus.max_packet_bytes: not sent"
+                );
+                self.metrics.add_errors(1);
+            } else {
+                let payload = std::mem::take(&mut m.payload);
+                if let Err(client::NotTaken(payload)) =
+                    self.client
+                        .try_publish(&m.topic, qos(m.qos), m.retain, payload)
+                {
+                    m.payload = payload;
+                    backlog.messages.push_front(m);
+                    return;
+                }
             }
-            return;
-        }
-        if let Err(e) = self
-            .client
-            .publish(m.topic.as_str(), qos(m.qos), m.retain, m.payload)
-            .await
-        {
-            warn!(topic = %m.topic, "cannot publish: {e}");
-            return;
-        }
-        if let Some(ack) = m.ack {
-            self.acks.done(ack, |t| acks::send_ack(&self.client, t));
+            backlog.handed += 1;
+            if let Some(ack) = m.ack {
+                self.acks.done(ack, |t| self.client.try_ack(t));
+            }
         }
     }
 }

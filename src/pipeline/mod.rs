@@ -36,6 +36,7 @@ use crate::config::{Encoding, ExecutionProviderKind, PipelineConfig, RuntimeConf
 use crate::engine::{Engine, EngineOutput};
 use crate::fault::{self, Scope, Site};
 use crate::health::{Health, Heartbeat};
+use crate::log_summary::FloodLog;
 use crate::metrics::{Metrics, Stage};
 use crate::protocol::{
     self, CandidateOut, ClassifierOut, CropRequest, CropSource, ErrorReport, Item, ItemDecision,
@@ -73,6 +74,47 @@ pub struct PipelineContext {
     pub max_packet_bytes: usize,
     /// Where the pipeline's threads register their heartbeats.
     pub health: Health,
+    /// Per-request warnings, logged as summaries under a flood.
+    pub logs: PipelineLogs,
+}
+
+/// The pipeline's flood-prone log lines, one [`FloodLog`] per kind.
+#[derive(Debug)]
+pub struct PipelineLogs {
+    /// QoS 0 requests dropped for room.
+    pub dropped: FloodLog,
+    /// Requests refused over a limit the bus checks.
+    pub refused: FloodLog,
+    /// Requests that could not be handled (unreadable, over a limit).
+    pub rejected: FloodLog,
+    /// Results replaced by an ErrorReport because they would not fit.
+    pub oversized_answers: FloodLog,
+}
+
+impl Default for PipelineLogs {
+    fn default() -> Self {
+        Self {
+            dropped: FloodLog::new("request dropped"),
+            refused: FloodLog::new("request refused"),
+            rejected: FloodLog::new("request rejected"),
+            oversized_answers: FloodLog::new("result replaced by an ErrorReport"),
+        }
+    }
+}
+
+impl PipelineLogs {
+    /// Writes the summaries that are due (the drop reporter calls this
+    /// about once a second, so a flood's last summary is not held back).
+    pub fn flush(&self) {
+        for log in [
+            &self.dropped,
+            &self.refused,
+            &self.rejected,
+            &self.oversized_answers,
+        ] {
+            log.flush();
+        }
+    }
 }
 
 impl PipelineContext {
@@ -91,10 +133,7 @@ impl PipelineContext {
         reason: String,
     ) {
         self.metrics.add_errors(1);
-        warn!(
-            request_id = request_id.as_deref().unwrap_or("-"),
-            "request rejected: {reason}"
-        );
+        self.logs.rejected.event(request_id.as_deref(), &reason);
         self.report(payload, ack, request_id, reason);
     }
 
@@ -130,7 +169,9 @@ impl PipelineContext {
                 payload.len(),
                 self.max_packet_bytes
             );
-            warn!(parent: req.span(), "{reason}");
+            self.logs
+                .oversized_answers
+                .event(Some(&req.request_id), &reason);
             self.send(error_message(
                 &self.errors_topic,
                 req.encoding,
@@ -219,15 +260,25 @@ const DROP_REASON: &str =
 /// its request_id means parsing, kept off the bus's reactor thread) and
 /// releases its acknowledgement.
 fn drop_reporter(ctx: &PipelineContext, beat: &Heartbeat, reports: &ReportQueue) {
-    while let Some(report) = reports.pop() {
+    loop {
+        let report = match reports.next_within(Duration::from_secs(1)) {
+            reports::Next::Report(r) => r,
+            reports::Next::Idle => {
+                ctx.logs.flush();
+                continue;
+            }
+            reports::Next::Closed => break,
+        };
         let _busy = beat.busy();
         match report {
             Report::One(r) => {
                 let request_id = protocol::peek_request_id(&r.prefix);
-                warn!(
-                    request_id = request_id.as_deref().unwrap_or("-"),
-                    "request not handled: {}", r.reason
-                );
+                let log = if r.dropped {
+                    &ctx.logs.dropped
+                } else {
+                    &ctx.logs.refused
+                };
+                log.event(request_id.as_deref(), &r.reason);
                 ctx.report(&r.prefix, r.ack, request_id, r.reason);
             }
             Report::Aggregate(n) => {
@@ -377,7 +428,9 @@ impl Pipeline {
         self.ctx.metrics.set_queue_depth(self.queue.len());
         for dropped in pushed.dropped.into_iter().chain(pushed.rejected) {
             self.ctx.metrics.add_dropped(1);
-            self.reports.push(Refusal::of(dropped, DROP_REASON.into()));
+            let mut refusal = Refusal::of(dropped, DROP_REASON.into());
+            refusal.dropped = true;
+            self.reports.push(refusal);
         }
         pushed.queued
     }
@@ -1096,8 +1149,8 @@ impl RequestSink for Pipeline {
         Pipeline::refuse(self, msg, reason);
     }
 
-    fn saturated(&self) -> bool {
-        self.queue.held_full()
+    fn intake(&self) -> crate::bus::Intake {
+        self.queue.intake()
     }
 }
 

@@ -6,19 +6,28 @@
 //! queue is full the overflow policy picks which to drop and hands them back
 //! so the caller can count and report them. A message that is not droppable
 //! (QoS 1: the agent holds its acknowledgement, so the broker holds back
-//! further messages once its in-flight window is full) is queued past the
-//! bounds, up to a hard limit ([`HARD_LIMIT_FACTOR`] times them); the bus
-//! stops reading from the broker while held messages fill the bounds
-//! ([`IngestQueue::held_full`]), so the broker keeps the rest and the hard
-//! limit is a last resort. Workers block on `pop`.
+//! further messages once its in-flight window is full) is never dropped: it
+//! is queued past the bounds. [`IngestQueue::intake`] tells the bus how
+//! full of held messages the queue is: at the bounds it reads from the
+//! broker only for its own traffic, at the hard limit ([`HARD_LIMIT_COUNT_FACTOR`]
+//! times the count or [`HARD_LIMIT_FACTOR`] times the bytes, reached only when
+//! a broker ignores its in-flight window) it stops reading until the workers drain the queue below it (see
+//! `bus::flow`). Workers block on `pop`.
 
 use std::collections::VecDeque;
 use std::sync::{Condvar, Mutex};
 
+use crate::bus::Intake;
 use crate::config::OverflowPolicy;
 
-/// How far non-droppable messages may take the queue past its bounds.
+/// How far held messages' bytes fill the queue past `queue_max_bytes`
+/// before the bus stops reading altogether (256 MiB with the defaults).
 pub const HARD_LIMIT_FACTOR: usize = 4;
+/// How far held messages' count fills the queue past `queue_capacity`
+/// before the bus stops reading altogether (16,384 with the defaults):
+/// high, because until then the bus keeps reading its own PUBACKs and
+/// PINGRESPs through whatever an overshooting broker sent first.
+pub const HARD_LIMIT_COUNT_FACTOR: usize = 64;
 
 pub struct IngestQueue<T> {
     state: Mutex<State<T>>,
@@ -100,9 +109,8 @@ impl<T> IngestQueue<T> {
         let mut dropped = Vec::new();
         if !s.fits(bytes, cap, max, 1) {
             if !droppable {
-                if !s.fits(bytes, cap, max, HARD_LIMIT_FACTOR) {
-                    return rejected(item);
-                }
+                // Held: its sender's broker keeps no copy we could ask for
+                // again, so it is queued whatever the bounds.
             } else if self.policy == OverflowPolicy::DropNewest {
                 return rejected(item);
             } else {
@@ -198,11 +206,22 @@ impl<T> IngestQueue<T> {
         self.lock().bytes
     }
 
-    /// Whether held (non-droppable) messages fill the queue's bounds: time
-    /// to stop taking more from the broker.
-    pub fn held_full(&self) -> bool {
+    /// How full of held (non-droppable) messages the queue is: at its
+    /// bounds, [`Intake::Saturated`]; at [`HARD_LIMIT_COUNT_FACTOR`] times
+    /// the count or [`HARD_LIMIT_FACTOR`] times the bytes, [`Intake::Full`].
+    pub fn intake(&self) -> Intake {
         let s = self.lock();
-        s.held >= self.capacity || (s.held > 0 && s.held_bytes >= self.max_bytes)
+        let over = |count_factor: usize, bytes_factor: usize| {
+            s.held >= self.capacity.saturating_mul(count_factor)
+                || (s.held > 0 && s.held_bytes >= self.max_bytes.saturating_mul(bytes_factor))
+        };
+        if over(HARD_LIMIT_COUNT_FACTOR, HARD_LIMIT_FACTOR) {
+            Intake::Full
+        } else if over(1, 1) {
+            Intake::Saturated
+        } else {
+            Intake::Open
+        }
     }
 
     pub fn is_empty(&self) -> bool {
@@ -257,34 +276,52 @@ mod tests {
     }
 
     #[test]
-    fn held_messages_are_never_dropped_and_queue_past_the_bounds() {
+    fn held_messages_are_never_dropped_and_queue_past_the_bounds_and_the_hard_limit() {
         let q = drop_oldest(2, 1000);
         assert!(q.push(1, 1, false).queued);
+        assert_eq!(q.intake(), Intake::Open);
         assert!(q.push(2, 1, false).queued);
+        assert_eq!(q.intake(), Intake::Saturated);
         // Full of held messages: a droppable one has nothing to evict.
         let p = q.push(3, 1, true);
         assert_eq!((p.queued, p.rejected), (false, Some(3)));
-        // A held one goes past the bound, up to the hard limit.
-        for i in 0..(2 * HARD_LIMIT_FACTOR - 2) {
+        // A held one goes past the bound; at the hard limit the bus stops
+        // reading, and what a broker still sends is queued all the same.
+        for i in 0..(2 * HARD_LIMIT_COUNT_FACTOR - 3) {
             assert!(q.push(10 + i as u32, 1, false).queued);
+            assert_eq!(q.intake(), Intake::Saturated);
         }
-        assert_eq!(q.len(), 2 * HARD_LIMIT_FACTOR);
-        assert!(q.held_full());
-        assert!(!q.push(99, 1, false).queued, "the hard limit holds");
+        assert!(q.push(98, 1, false).queued);
+        assert_eq!(q.len(), 2 * HARD_LIMIT_COUNT_FACTOR);
+        assert_eq!(q.intake(), Intake::Full);
+        let p = q.push(99, 1, false);
+        assert!(p.queued && p.dropped.is_empty(), "never dropped");
+        assert_eq!(q.len(), 2 * HARD_LIMIT_COUNT_FACTOR + 1);
+        // Draining below the hard limit opens the intake again step by step.
+        q.pop();
+        q.pop();
+        assert_eq!(q.intake(), Intake::Saturated);
+        while q.len() > 1 {
+            q.pop();
+        }
+        assert_eq!(q.intake(), Intake::Open);
         // A droppable arrival evicts droppable ones only.
         let q = drop_oldest(2, 1000);
         assert!(q.push(1, 1, false).queued);
         assert!(q.push(2, 1, true).queued);
-        assert!(!q.held_full(), "one held of two");
+        assert_eq!(q.intake(), Intake::Open, "one held of two");
         assert_eq!(q.push(3, 1, true).dropped, vec![2]);
         assert_eq!(q.pop(), Some(1));
         assert_eq!(q.pop(), Some(3));
         // Held bytes fill the bound too.
         let q = drop_oldest(100, 10);
         assert!(q.push(1, 10, false).queued);
-        assert!(q.held_full());
+        assert_eq!(q.intake(), Intake::Saturated);
+        assert!(q.push(2, 10 * HARD_LIMIT_FACTOR - 10, false).queued);
+        assert_eq!(q.intake(), Intake::Full);
         assert_eq!(q.pop(), Some(1));
-        assert!(!q.held_full());
+        assert_eq!(q.pop(), Some(2));
+        assert_eq!(q.intake(), Intake::Open);
     }
 
     #[test]

@@ -27,6 +27,8 @@ pub struct Refusal {
     pub prefix: bytes::Bytes,
     pub ack: Option<AckToken>,
     pub reason: String,
+    /// Dropped for room (else refused over a limit): logged apart.
+    pub dropped: bool,
 }
 
 impl Refusal {
@@ -38,6 +40,7 @@ impl Refusal {
             prefix: bytes::Bytes::copy_from_slice(&msg.payload[..keep]),
             ack: msg.ack,
             reason,
+            dropped: false,
         }
     }
 }
@@ -48,6 +51,15 @@ pub enum Report {
     One(Refusal),
     /// This many QoS 0 requests were dropped without a report of their own.
     Aggregate(u64),
+}
+
+/// What [`ReportQueue::next_within`] found.
+#[derive(Debug)]
+pub enum Next {
+    Report(Report),
+    /// Nothing within the wait.
+    Idle,
+    Closed,
 }
 
 #[derive(Default)]
@@ -87,18 +99,38 @@ impl ReportQueue {
     /// Waits for the next report; after `close`, returns what is left and
     /// then `None`.
     pub fn pop(&self) -> Option<Report> {
+        loop {
+            match self.next_within(std::time::Duration::from_secs(3600)) {
+                Next::Report(r) => return Some(r),
+                Next::Closed => return None,
+                Next::Idle => {}
+            }
+        }
+    }
+
+    /// Waits at most `wait` for the next report.
+    pub fn next_within(&self, wait: std::time::Duration) -> Next {
+        let deadline = std::time::Instant::now() + wait;
         let mut s = self.lock();
         loop {
             if let Some(r) = s.items.pop_front() {
-                return Some(Report::One(r));
+                return Next::Report(Report::One(r));
             }
             if s.unreported > 0 {
-                return Some(Report::Aggregate(std::mem::take(&mut s.unreported)));
+                return Next::Report(Report::Aggregate(std::mem::take(&mut s.unreported)));
             }
             if s.closed {
-                return None;
+                return Next::Closed;
             }
-            s = self.ready.wait(s).unwrap_or_else(|p| p.into_inner());
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                return Next::Idle;
+            }
+            s = self
+                .ready
+                .wait_timeout(s, left)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
         }
     }
 
