@@ -255,6 +255,26 @@ impl AgentUnderTest {
         measured.map_err(|e| self.explain(e))
     }
 
+    /// A steady overload (see [`super::soak`]); `on_memory` gets the
+    /// agent's resident memory about once a second.
+    pub fn soak(
+        &mut self,
+        setup: &BenchSetup,
+        rate: f64,
+        window_and_drain: (Duration, Duration),
+        on_memory: &mut dyn FnMut(Resident),
+    ) -> Result<super::load_client::SoakTally, BenchError> {
+        let Self {
+            process, client, ..
+        } = &mut *self;
+        let measured = client.soak(&setup.workload, rate, window_and_drain, &mut |_| {
+            process.check_running()?;
+            on_memory(process.resident()?);
+            Ok(())
+        });
+        measured.map_err(|e| self.explain(e))
+    }
+
     /// Seconds from spawn to the answer of one single-crop request sent now.
     pub fn first_answer_s(&mut self, setup: &BenchSetup) -> Result<f64, BenchError> {
         let Self {

@@ -44,6 +44,11 @@ enum ClientEvent {
     Online {
         at: Instant,
     },
+    /// An aggregate ErrorReport: this many requests dropped without a
+    /// report of their own.
+    DroppedUnnamed {
+        count: u64,
+    },
 }
 
 #[derive(Deserialize)]
@@ -64,6 +69,8 @@ struct ItemPeek {
 struct ErrorPeek {
     #[serde(default)]
     request_id: Option<String>,
+    #[serde(default)]
+    reason: String,
 }
 
 fn decode<'a, T: Deserialize<'a>>(payload: &'a [u8]) -> Option<T> {
@@ -83,6 +90,16 @@ fn read_message(topics: &Topics, topic: &str, payload: &[u8], at: Instant) -> Op
         })
     } else if topic == topics.errors {
         let e: ErrorPeek = decode(payload)?;
+        if e.request_id.is_none() {
+            // "dropped: N more QoS 0 requests ...": the agent's aggregate.
+            let count = e
+                .reason
+                .strip_prefix("dropped: ")
+                .and_then(|r| r.split_whitespace().next().and_then(|n| n.parse().ok()));
+            if let Some(count) = count {
+                return Some(ClientEvent::DroppedUnnamed { count });
+            }
+        }
         Some(ClientEvent::Answer {
             request_id: e.request_id.unwrap_or_default(),
             at,
@@ -95,6 +112,29 @@ fn read_message(topics: &Topics, topic: &str, payload: &[u8], at: Instant) -> Op
     } else {
         None
     }
+}
+
+/// What one soak sent and got back.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct SoakTally {
+    pub sent_qos0: u64,
+    pub sent_qos1: u64,
+    /// Requests answered with a result (all items fine), in all and within
+    /// the sending window.
+    pub answered: u64,
+    pub answered_in_window: u64,
+    /// Requests answered with an ErrorReport of their own (a drop, for
+    /// this workload), by QoS.
+    pub reported_qos0: u64,
+    pub reported_qos1: u64,
+    /// Requests counted in the agent's aggregate drop reports.
+    pub dropped_unnamed: u64,
+    /// QoS 1 requests neither answered nor reported by the end.
+    pub unanswered_qos1: u64,
+    /// Requests neither answered, reported, nor counted in an aggregate.
+    pub unaccounted: u64,
+    #[serde(skip)]
+    pub elapsed: Duration,
 }
 
 /// Throughput with a fixed number of requests in flight.
@@ -255,15 +295,107 @@ impl LoadClient {
 
     /// Publishes a request of `crops` crops: its id and when it was sent.
     fn send(&mut self, workload: &Workload, crops: usize) -> Result<(String, Instant), BenchError> {
+        self.send_at(workload, crops, QoS::AtLeastOnce)
+    }
+
+    fn send_at(
+        &mut self,
+        workload: &Workload,
+        crops: usize,
+        qos: QoS,
+    ) -> Result<(String, Instant), BenchError> {
         let n = self.next_request;
         self.next_request += 1;
         let request_id = format!("r{n}");
         let payload = workload.request(&request_id, n * crops, crops)?;
         let sent = Instant::now();
         self.client
-            .try_publish(&self.crops_topic, QoS::AtLeastOnce, false, payload)
+            .try_publish(&self.crops_topic, qos, false, payload)
             .map_err(|e| BenchError::Client(format!("cannot publish: {e}")))?;
         Ok((request_id, sent))
+    }
+
+    /// Single-crop requests at a steady `rate` per second for `duration`,
+    /// alternately QoS 0 and QoS 1; then waits (up to `drain`) for every
+    /// request to be answered or reported. `sample` runs about once a
+    /// second with the time since the start.
+    pub fn soak(
+        &mut self,
+        workload: &Workload,
+        rate: f64,
+        (duration, drain): (Duration, Duration),
+        sample: &mut dyn FnMut(Duration) -> Result<(), BenchError>,
+    ) -> Result<SoakTally, BenchError> {
+        if !(rate.is_finite() && rate > 0.0) {
+            return Err(BenchError::Client(format!(
+                "cannot offer {rate} requests/s"
+            )));
+        }
+        let gap = Duration::from_secs_f64(1.0 / rate);
+        let start = Instant::now();
+        let until = start + duration;
+        let mut next = start;
+        let mut next_sample = start;
+        // Outstanding request ids, with whether each was QoS 1.
+        let mut pending: HashMap<String, bool> = HashMap::new();
+        let mut t = SoakTally::default();
+        loop {
+            let now = Instant::now();
+            if now >= next_sample {
+                sample(now.duration_since(start))?;
+                next_sample += Duration::from_secs(1);
+            }
+            if next < until && now >= next {
+                let qos1 = (t.sent_qos0 + t.sent_qos1) % 2 == 1;
+                let qos = if qos1 {
+                    QoS::AtLeastOnce
+                } else {
+                    QoS::AtMostOnce
+                };
+                let (id, _) = self.send_at(workload, 1, qos)?;
+                pending.insert(id, qos1);
+                if qos1 {
+                    t.sent_qos1 += 1;
+                } else {
+                    t.sent_qos0 += 1;
+                }
+                next += gap;
+                continue;
+            }
+            let settled = pending.len() as u64 <= t.dropped_unnamed;
+            if next >= until && (settled || now > until + drain) {
+                break;
+            }
+            let wait = if next < until {
+                next.saturating_duration_since(now).min(POLL)
+            } else {
+                POLL
+            };
+            match self.next_event(wait)? {
+                Some(ClientEvent::Answer {
+                    request_id, failed, ..
+                }) => {
+                    let Some(qos1) = pending.remove(&request_id) else {
+                        continue;
+                    };
+                    let in_window = Instant::now() <= until;
+                    match (failed, qos1) {
+                        (false, _) => {
+                            t.answered += 1;
+                            t.answered_in_window += u64::from(in_window);
+                        }
+                        (true, false) => t.reported_qos0 += 1,
+                        (true, true) => t.reported_qos1 += 1,
+                    }
+                }
+                Some(ClientEvent::DroppedUnnamed { count }) => t.dropped_unnamed += count,
+                Some(ClientEvent::Online { .. }) | None => {}
+            }
+        }
+        t.elapsed = start.elapsed();
+        t.unanswered_qos1 = pending.values().filter(|q| **q).count() as u64;
+        t.unaccounted = (pending.len() as u64).saturating_sub(t.dropped_unnamed);
+        Ok(t)
     }
 
     fn next_event(&self, timeout: Duration) -> Result<Option<ClientEvent>, BenchError> {
@@ -384,7 +516,7 @@ impl LoadClient {
                         pending.insert(id, sent);
                     }
                 }
-                Some(ClientEvent::Online { .. }) => {}
+                Some(ClientEvent::Online { .. } | ClientEvent::DroppedUnnamed { .. }) => {}
                 None => {
                     alive()?;
                     if last_answer.elapsed() > ANSWER_TIMEOUT {
@@ -493,7 +625,7 @@ impl LoadClient {
                         }
                     }
                 }
-                Some(ClientEvent::Online { .. }) => {}
+                Some(ClientEvent::Online { .. } | ClientEvent::DroppedUnnamed { .. }) => {}
                 None if next >= until => {
                     alive()?;
                     if last_answer.elapsed() > ANSWER_TIMEOUT {

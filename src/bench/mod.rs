@@ -23,6 +23,7 @@ pub mod pipeline;
 pub mod reference_sets;
 pub mod report;
 pub mod search;
+pub mod soak;
 pub mod stages;
 pub mod sweep;
 
@@ -382,6 +383,19 @@ pub(crate) fn micros_per_run(runs: usize, elapsed: Duration) -> f64 {
 
 /// Runs the chosen sections (and the sweep) and checks the targets against
 /// what was measured. `progress` hears what is being measured.
+/// The soak alone (see [`soak`]): `minutes` at each offered load.
+pub fn run_soak(
+    cfg: LoadedConfig,
+    options: &BenchOptions,
+    minutes: f64,
+    progress: &dyn Fn(&str),
+) -> Result<soak::SoakFigures, BenchError> {
+    progress("loading the model and making the inputs");
+    let setup = BenchSetup::new(cfg, options)?;
+    let broker = end_to_end::Broker::start(&setup, progress)?;
+    soak::measure(&setup, &broker, minutes, progress)
+}
+
 pub fn run(
     cfg: LoadedConfig,
     options: &BenchOptions,

@@ -29,6 +29,12 @@ pub struct BenchArgs {
     /// sections too.
     #[arg(long)]
     pub sweep: bool,
+    /// Run only the soak: MINUTES at twice the sustainable request rate
+    /// (half QoS 0, half QoS 1), then MINUTES at 80% of it, each on a fresh
+    /// agent; prints what was answered, dropped and reported, and resident
+    /// memory over time (the figure: 10).
+    #[arg(long, value_name = "MINUTES")]
+    pub soak: Option<f64>,
     /// Sections to run, comma-separated (default: all).
     #[arg(long, value_delimiter = ',', value_enum)]
     pub sections: Option<Vec<Section>>,
@@ -64,6 +70,19 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let started = std::time::Instant::now();
     let progress =
         |what: &str| eprintln!("bench [{:>6.1} s]: {what}", started.elapsed().as_secs_f64());
+    if let Some(minutes) = args.soak {
+        anyhow::ensure!(
+            minutes.is_finite() && minutes > 0.0,
+            "--soak takes a positive number of minutes"
+        );
+        let figures = crate::bench::run_soak(cfg, &options, minutes, &progress)?;
+        if args.json {
+            println!("{}", serde_json::to_string_pretty(&figures)?);
+        } else {
+            print!("{}", figures.to_text());
+        }
+        return Ok(());
+    }
     let report = crate::bench::run(cfg, &options, &progress)?;
     if args.json {
         println!("{}", report.to_json());
