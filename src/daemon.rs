@@ -17,7 +17,6 @@ use tracing::{info, warn};
 use crate::bus::{self, EventLoopTask, PublisherTask, StatusSource, Topics};
 use crate::bus::{Outbound, ToBus};
 use crate::config::{ExecutionProviderKind, LoadedConfig, PipelineConfig};
-use crate::fleet::keys::TrustedKeys;
 use crate::fleet::rules::{Identity, ModelIdentity};
 use crate::fleet::session::UpdateSession;
 use crate::fleet::UpdateReceiver;
@@ -56,20 +55,28 @@ pub struct Agent {
     pulse: JoinHandle<()>,
 }
 
+/// Waits (up to 5 s) until the publisher has handed everything sent to the
+/// bus so far to the MQTT client.
+async fn flush_bus(out: &mpsc::Sender<ToBus>) {
+    let (done_tx, done_rx) = oneshot::channel();
+    if out.send(ToBus::Flush(done_tx)).await.is_ok() {
+        let _ = tokio::time::timeout(Duration::from_secs(5), done_rx).await;
+    }
+}
+
 impl Agent {
     /// Loads the model and the reference DB, starts the pipeline and
     /// connects to the broker (in the background: an unreachable broker is
     /// retried, not fatal).
     pub async fn start(cfg: LoadedConfig) -> anyhow::Result<Self> {
-        cfg.check_environment()?;
+        let checked = crate::preflight::check(&cfg)?;
         // Bound first: a port in use fails the start before anything runs.
         let prometheus_listener = match &cfg.config.metrics.prometheus_listen {
             Some(addr) => Some(crate::prometheus::bind(addr).await?),
             None => None,
         };
         let cfg = Arc::new(cfg);
-        let keys = TrustedKeys::parse(&cfg.config.fleet_updates.trusted_keys)
-            .context("fleet_updates.trusted_keys")?;
+        let keys = checked.trusted_keys;
         // ONNX Runtime's threading does not depend on the provider; the
         // decode workers' share does, so it is derived again once known.
         let cpu_budget =
@@ -128,9 +135,6 @@ impl Agent {
         let ctx = PipelineContext {
             device_id: c.device_id.clone(),
             model,
-            results_topic: topics.results.clone(),
-            errors_topic: topics.errors.clone(),
-            results_qos: c.bus.results_qos,
             default_encoding: c.bus.encoding,
             limits: DecodeLimits::from(&c.limits),
             max_crops: c.limits.max_crops,
@@ -139,7 +143,6 @@ impl Agent {
             metrics: metrics.clone(),
             refdb: refdb.clone(),
             out: out_tx.clone(),
-            max_packet_bytes: c.bus.max_packet_bytes,
             health: health.clone(),
             logs: Default::default(),
         };
@@ -246,6 +249,8 @@ impl Agent {
                 client: client.clone(),
                 rx: out_rx,
                 connected: connected_rx.clone(),
+                topics: topics.clone(),
+                results_qos: c.bus.results_qos,
                 capacity: c.bus.outbox_capacity,
                 metrics: metrics.clone(),
                 acks,
@@ -255,10 +260,9 @@ impl Agent {
             .run(),
         );
         let metrics_task = {
-            let (metrics, out, topic, device, encoding) = (
+            let (metrics, out, device, encoding) = (
                 metrics.clone(),
                 out_tx.clone(),
-                topics.metrics.clone(),
                 c.device_id.clone(),
                 c.bus.encoding,
             );
@@ -272,12 +276,8 @@ impl Agent {
                 loop {
                     tick.tick().await;
                     let m = metrics.take_interval(&device);
-                    let msg = Outbound {
-                        topic: topic.clone(),
+                    let msg = Outbound::Metrics {
                         payload: protocol::encode(&m, encoding),
-                        qos: 0,
-                        retain: false,
-                        ack: None,
                     };
                     if out.send(ToBus::Send(msg)).await.is_err() {
                         break;
@@ -377,24 +377,16 @@ impl Agent {
         if let Some(p) = &self.prometheus {
             p.abort();
         }
-        let (done_tx, done_rx) = oneshot::channel();
-        if self.out.send(ToBus::Flush(done_tx)).await.is_ok() {
-            let _ = tokio::time::timeout(Duration::from_secs(5), done_rx).await;
-        }
+        flush_bus(&self.out).await;
         let connected = *self.connected.borrow();
         // Set first: the event loop watches for the offline Status's echo.
         let _ = self.stopping.send(true);
         if connected {
             let payload = self.status.status_payload(AgentState::Offline);
-            let _ = self
-                .client
-                .publish(
-                    &self.topics.status,
-                    rumqttc::QoS::AtLeastOnce,
-                    true,
-                    payload,
-                )
-                .await;
+            let status = ToBus::Send(Outbound::Status { payload });
+            if self.out.send(status).await.is_ok() {
+                flush_bus(&self.out).await;
+            }
         }
         // The event loop disconnects once the broker has acknowledged the
         // offline Status; if that does not happen in time, disconnect anyway.

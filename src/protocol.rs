@@ -12,8 +12,7 @@ use std::sync::Arc;
 use serde::de::{self, Deserializer, Visitor};
 use serde::{Deserialize, Serialize, Serializer};
 
-use crate::config::Encoding;
-use crate::vision::RawFormat;
+pub use crate::text::{bounded_text, excerpt, MAX_ERROR_TEXT};
 
 /// Longest `request_id`, in bytes.
 pub const MAX_REQUEST_ID: usize = 128;
@@ -21,30 +20,59 @@ pub const MAX_REQUEST_ID: usize = 128;
 pub const MAX_TOP_K: usize = 20;
 /// Longest `camera_id` or crop `id` echoed in a result, in bytes.
 pub const MAX_ECHOED_ID: usize = 256;
-/// Longest error text in an Item or ErrorReport, in bytes: texts quoting
-/// the input are cut to this.
-pub const MAX_ERROR_TEXT: usize = 1024;
 
-/// At most `max` bytes of untrusted `s` (cut at a character boundary), to
-/// quote in an error or ack without echoing a huge string.
-pub fn excerpt(s: &str, max: usize) -> &str {
-    let mut end = s.len().min(max);
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    &s[..end]
+/// How a payload is encoded (detected from its first byte; see [`detect_encoding`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Encoding {
+    Msgpack,
+    Json,
 }
 
-/// `text` cut to [`MAX_ERROR_TEXT`] bytes (at a character boundary), saying
-/// how much was left out.
-pub fn bounded_text(mut text: String) -> String {
-    if text.len() > MAX_ERROR_TEXT {
-        let total = text.len();
-        let end = excerpt(&text, MAX_ERROR_TEXT - 64).len();
-        text.truncate(end);
-        text.push_str(&format!("… ({} more bytes cut)", total - end));
+/// Layouts of uncompressed pixel buffers the contract accepts. Read from
+/// a plain string (by hand: generic value deserializers, which crops go
+/// through, do not all take a string for a unit variant).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RawFormat {
+    Rgb8,
+    Bgr8,
+    Rgba8,
+    Gray8,
+}
+
+impl<'de> serde::Deserialize<'de> for RawFormat {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let name = std::borrow::Cow::<'de, str>::deserialize(d)?;
+        [Self::Rgb8, Self::Bgr8, Self::Rgba8, Self::Gray8]
+            .into_iter()
+            .find(|f| f.name() == name)
+            .ok_or_else(|| {
+                serde::de::Error::custom(format!(
+                    "raw format `{}` is not one of rgb8, bgr8, rgba8, gray8",
+                    crate::text::bounded_text(name.into_owned())
+                ))
+            })
     }
-    text
+}
+
+impl RawFormat {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Rgb8 => "rgb8",
+            Self::Bgr8 => "bgr8",
+            Self::Rgba8 => "rgba8",
+            Self::Gray8 => "gray8",
+        }
+    }
+
+    pub fn bytes_per_pixel(self) -> usize {
+        match self {
+            Self::Rgb8 | Self::Bgr8 => 3,
+            Self::Rgba8 => 4,
+            Self::Gray8 => 1,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]

@@ -17,7 +17,7 @@ use serde::Serialize;
 use tokio::sync::mpsc::Receiver;
 
 use super::{BenchError, BenchSetup};
-use crate::bus::{Incoming, ToBus};
+use crate::bus::{Incoming, Outbound, ToBus};
 use crate::config::{ExecutionProviderKind, PipelineConfig, RuntimeConfig};
 use crate::health::Health;
 use crate::metrics::Metrics;
@@ -29,8 +29,6 @@ use crate::refdb::RefDb;
 /// Crops per request measured.
 pub const CROPS_PER_REQUEST: [usize; 2] = [1, 8];
 
-const RESULTS_TOPIC: &str = "bench/results";
-const ERRORS_TOPIC: &str = "bench/errors";
 /// Longest wait for one answer before the pipeline counts as stuck.
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -203,9 +201,6 @@ impl OfflinePipeline {
                 id: engine.manifest().id().into(),
                 fingerprint: engine.manifest().fingerprint().into(),
             },
-            results_topic: RESULTS_TOPIC.into(),
-            errors_topic: ERRORS_TOPIC.into(),
-            results_qos: c.bus.results_qos,
             default_encoding: c.bus.encoding,
             limits: setup.limits,
             max_crops: c.limits.max_crops,
@@ -214,7 +209,6 @@ impl OfflinePipeline {
             metrics: metrics.clone(),
             refdb: refdb.clone(),
             out,
-            max_packet_bytes: c.bus.max_packet_bytes,
             health: Health::new(c.supervision.stall_timeout()),
             logs: Default::default(),
         };
@@ -290,7 +284,7 @@ impl OfflinePipeline {
                 continue;
             };
             outstanding -= 1;
-            if answer.topic == ERRORS_TOPIC {
+            if matches!(answer, Outbound::Error { .. }) {
                 errors += 1;
             }
             let now = Instant::now();

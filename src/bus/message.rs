@@ -32,18 +32,34 @@ const PACKET_OVERHEAD: usize = 64;
 
 /// Whether a message of `payload_len` bytes for `topic` fits one packet of
 /// at most `max_packet_bytes` (`bus.max_packet_bytes`).
-pub fn fits_packet(topic: &str, payload_len: usize, max_packet_bytes: usize) -> bool {
+pub(crate) fn fits_packet(topic: &str, payload_len: usize, max_packet_bytes: usize) -> bool {
     payload_len + topic.len() + PACKET_OVERHEAD <= max_packet_bytes
 }
 
-/// A message for the bus to publish, with the request to acknowledge after.
+/// What the rest of the agent hands the bus to publish, already encoded,
+/// with the request to acknowledge once it is handed to the MQTT client.
+/// The bus alone chooses each kind's topic, QoS and retain flag, and checks
+/// its size.
 #[derive(Debug, Clone)]
-pub struct Outbound {
-    pub topic: String,
-    pub payload: Vec<u8>,
-    pub qos: u8,
-    pub retain: bool,
-    pub ack: Option<AckToken>,
+pub enum Outbound {
+    /// A RecognitionResult, for the results topic at `bus.results_qos`.
+    /// One that would not fit a packet is replaced by an ErrorReport for
+    /// `request_id`, in `encoding`.
+    Result {
+        payload: Vec<u8>,
+        request_id: String,
+        encoding: crate::protocol::Encoding,
+        ack: Option<AckToken>,
+    },
+    /// An ErrorReport, for the errors topic at QoS 1.
+    Error {
+        payload: Vec<u8>,
+        ack: Option<AckToken>,
+    },
+    /// The Status, retained, at QoS 1.
+    Status { payload: Vec<u8> },
+    /// A Metrics message, at QoS 0.
+    Metrics { payload: Vec<u8> },
 }
 
 /// What the bus's publisher is asked to do, in order.

@@ -13,6 +13,7 @@
 
 pub mod acks;
 pub mod client;
+pub mod connection;
 pub mod flow;
 pub mod message;
 pub mod tls;
@@ -36,8 +37,10 @@ use crate::protocol::{self, AgentState, ModelRef, RefDbState, Status, StatusPeek
 use crate::refdb::RefDb;
 pub use acks::AckSequencer;
 pub use client::BusClient;
+pub use connection::{ConnectionAction, ConnectionEvent, ConnectionState, HEALTHY_CONNECTION};
 pub use flow::Intake;
-pub use message::{fits_packet, AckToken, Incoming, Outbound, RequestSink, ToBus};
+use message::fits_packet;
+pub use message::{AckToken, Incoming, Outbound, RequestSink, ToBus};
 pub use topics::Topics;
 
 /// Facts the Status message reports.
@@ -177,6 +180,9 @@ pub fn mqtt_options(
 /// size in memory once.
 pub const MQTT_MAX_PACKET: usize = 268_435_455;
 
+/// QoS 1 publishes of ours (results, reports, Status) awaiting PUBACK.
+pub const OWN_INFLIGHT: u16 = 4096;
+
 /// MQTT options from the config for a session named `client_id`:
 /// persistent session, manual acknowledgements, packet limits,
 /// credentials, TLS.
@@ -187,7 +193,11 @@ pub fn connection_options(cfg: &LoadedConfig, client_id: String) -> anyhow::Resu
     o.set_clean_session(false);
     o.set_manual_acks(true);
     o.set_max_packet_size(MQTT_MAX_PACKET, bus.max_packet_bytes);
-    o.set_inflight(100);
+    // Our own QoS 1 publishes awaiting PUBACK. Under a flood the PUBACKs
+    // arrive behind everything the broker already sent (up to its socket
+    // buffers, often a second of reading): 100 capped the answers at
+    // about 100/s there, and the rest piled up in the publisher.
+    o.set_inflight(OWN_INFLIGHT);
     if let Some(user) = &bus.username {
         let password = bus.password.as_ref().map_or("", |p| p.expose());
         o.set_credentials(user.clone(), password);
@@ -229,13 +239,6 @@ pub struct EventLoopTask {
     /// Pauses at the queue's hard limit, logged at most every few seconds.
     pub hard_limit_log: crate::log_summary::FloodLog,
 }
-
-/// A connection up this long counts as healthy: the reconnection backoff
-/// starts over after it ends.
-pub const HEALTHY_CONNECTION: Duration = Duration::from_secs(30);
-/// Connections in a row closed before [`HEALTHY_CONNECTION`] after which
-/// the agent says it suspects a duplicate client id.
-const SHORT_LIVED_WARNING: u32 = 3;
 
 /// Capped exponential reconnection backoff with jitter: each delay is drawn
 /// uniformly from [base/2, base], and the base doubles up to the maximum, so
@@ -293,9 +296,7 @@ impl EventLoopTask {
         network.set_tcp_nodelay(true);
         network.set_connection_timeout(10);
         self.eventloop.set_network_options(network);
-        let mut backoff = Backoff::new(self.reconnect_min, self.reconnect_max);
-        let mut connected_at: Option<Instant> = None;
-        let mut short_lived = 0u32;
+        let mut session = ConnectionState::new(self.reconnect_min, self.reconnect_max);
         let mut saved: Vec<Request> = Vec::new();
         // Shutdown: the broker has handled our offline Status (it came back
         // on our own status topic), and DISCONNECT has been requested.
@@ -333,25 +334,38 @@ impl EventLoopTask {
             let busy = beat.busy();
             match event {
                 Ok(Event::Incoming(Packet::ConnAck(ack))) => {
-                    connected_at = Some(Instant::now());
                     last_ping = Instant::now();
                     self.warn_duplicate.store(true, Ordering::Relaxed);
-                    if !ack.session_present && !saved.is_empty() {
-                        // rumqttc drops its in-flight messages when the broker has
-                        // no session for us; send them again ourselves.
-                        warn!(
-                            count = saved.len(),
-                            "broker had no session for us; re-sending in-flight messages"
-                        );
-                        self.eventloop.pending.extend(saved.drain(..));
+                    info!(session_present = ack.session_present, boot_id = %self.status.boot_id(), "connected to the broker");
+                    let event = ConnectionEvent::Connected {
+                        session_present: ack.session_present,
+                    };
+                    for action in session.on(event, Instant::now()) {
+                        match action {
+                            ConnectionAction::ResendInFlight if !saved.is_empty() => {
+                                // rumqttc drops its in-flight messages when the
+                                // broker has no session for us; send them again
+                                // ourselves.
+                                warn!(
+                                    count = saved.len(),
+                                    "broker had no session for us; re-sending in-flight messages"
+                                );
+                                self.eventloop.pending.extend(saved.drain(..));
+                            }
+                            ConnectionAction::Subscribe => {
+                                if let Err(e) = self.client.try_subscribe_many(self.subscriptions())
+                                {
+                                    warn!("cannot queue subscriptions: {e}");
+                                }
+                                self.publish_status();
+                            }
+                            ConnectionAction::SetConnected(up) => {
+                                let _ = self.connected.send(up);
+                            }
+                            _ => {}
+                        }
                     }
                     saved.clear();
-                    info!(session_present = ack.session_present, boot_id = %self.status.boot_id(), "connected to the broker");
-                    if let Err(e) = self.client.try_subscribe_many(self.subscriptions()) {
-                        warn!("cannot queue subscriptions: {e}");
-                    }
-                    self.publish_status();
-                    let _ = self.connected.send(true);
                 }
                 Ok(Event::Incoming(Packet::Publish(p))) => {
                     let own_offline = self.on_publish(p);
@@ -370,7 +384,13 @@ impl EventLoopTask {
                             self.topics.crops
                         );
                     }
-                    let _ = self.subscribed.send(refused == 0);
+                    for action in
+                        session.on(ConnectionEvent::Subscribed { refused }, Instant::now())
+                    {
+                        if let ConnectionAction::SetSubscribed(ok) = action {
+                            let _ = self.subscribed.send(ok);
+                        }
+                    }
                 }
                 Ok(Event::Outgoing(Outgoing::Disconnect)) => {
                     let _ = self.subscribed.send(false);
@@ -382,33 +402,30 @@ impl EventLoopTask {
                 Ok(_) => {}
                 Err(e) => {
                     drop(busy);
-                    let _ = self.subscribed.send(false);
-                    let _ = self.connected.send(false);
+                    let mut wait = None;
+                    for action in session.on(ConnectionEvent::Lost, Instant::now()) {
+                        match action {
+                            ConnectionAction::SetSubscribed(ok) => {
+                                let _ = self.subscribed.send(ok);
+                            }
+                            ConnectionAction::SetConnected(up) => {
+                                let _ = self.connected.send(up);
+                            }
+                            ConnectionAction::WarnShortLived(n) if !*self.stopping.borrow() => {
+                                tracing::error!(
+                                    client_id = %self.eventloop.mqtt_options.client_id(),
+                                    "the broker closed {n} connections in a row soon after accepting them: is another agent using this device_id / client id? Each device needs its own device_id"
+                                );
+                            }
+                            ConnectionAction::Reconnect(d) => wait = Some(d),
+                            _ => {}
+                        }
+                    }
                     self.acks.reset();
                     self.client.gauge().connection_lost();
                     if *self.stopping.borrow() {
                         debug!("connection closed during shutdown: {e}");
                         break;
-                    }
-                    // The backoff starts over only after a connection that
-                    // stayed up: a broker that drops us right after
-                    // CONNACK (a duplicate client id, an oversized packet)
-                    // must not make us reconnect at full speed forever.
-                    match connected_at.take().map(|t| t.elapsed()) {
-                        Some(up) if up >= HEALTHY_CONNECTION => {
-                            backoff.reset();
-                            short_lived = 0;
-                        }
-                        Some(_) => {
-                            short_lived += 1;
-                            if short_lived == SHORT_LIVED_WARNING {
-                                tracing::error!(
-                                    client_id = %self.eventloop.mqtt_options.client_id(),
-                                    "the broker closed {short_lived} connections in a row soon after accepting them: is another agent using this device_id / client id? Each device needs its own device_id"
-                                );
-                            }
-                        }
-                        None => {}
                     }
                     saved = self
                         .eventloop
@@ -421,7 +438,7 @@ impl EventLoopTask {
                     self.eventloop
                         .mqtt_options
                         .set_last_will(self.status.will(&self.topics.status));
-                    let wait = backoff.next_delay();
+                    let wait = wait.unwrap_or(self.reconnect_min);
                     log_connection_error(&e, wait);
                     let mut stopping = self.stopping.clone();
                     tokio::select! {
@@ -490,9 +507,7 @@ impl EventLoopTask {
                 self.hard_limit_log.event(
                     None,
                     &format!(
-                        "the broker sent more unacknowledged QoS 1 requests than the queue's hard limit ({}x pipeline.queue_capacity or {}x queue_max_bytes); reading paused {} ms while the pipeline drained. Lower the broker's in-flight window (Mosquitto: max_inflight_messages) to at most pipeline.queue_capacity",
-                        crate::pipeline::queue::HARD_LIMIT_COUNT_FACTOR,
-                        crate::pipeline::queue::HARD_LIMIT_FACTOR,
+                        "the broker sent more unacknowledged QoS 1 requests than the queue's hard limit (64 x pipeline.queue_capacity or 4 x queue_max_bytes); reading paused {} ms while the pipeline drained. Keep the broker's in-flight window (Mosquitto: max_inflight_messages) at or below pipeline.queue_capacity",
                         waited.as_millis()
                     ),
                 );
@@ -618,6 +633,10 @@ pub struct PublisherTask {
     pub client: BusClient,
     pub rx: mpsc::Receiver<ToBus>,
     pub connected: watch::Receiver<bool>,
+    /// Where each kind of [`Outbound`] goes.
+    pub topics: Topics,
+    /// `bus.results_qos`.
+    pub results_qos: u8,
     pub capacity: usize,
     pub metrics: Arc<Metrics>,
     pub acks: Arc<AckSequencer>,
@@ -631,10 +650,21 @@ pub struct PublisherTask {
 /// How often the publisher retries a backlog that rumqttc's queue refused.
 const BACKLOG_RETRY: Duration = Duration::from_millis(2);
 
+/// An [`Outbound`] message placed: topic, QoS and retain chosen, size
+/// checked.
+#[derive(Debug)]
+struct Publication {
+    topic: String,
+    payload: Vec<u8>,
+    qos: u8,
+    retain: bool,
+    ack: Option<AckToken>,
+}
+
 /// The publisher's messages not yet handed to rumqttc, and the flushes
 /// waiting for them.
 struct Backlog {
-    messages: VecDeque<Outbound>,
+    messages: VecDeque<Publication>,
     /// Messages ever queued and ever handed over (or discarded).
     queued: u64,
     handed: u64,
@@ -651,6 +681,7 @@ impl PublisherTask {
             flushes: VecDeque::new(),
         };
         let dropped_log = crate::log_summary::FloodLog::new("outgoing message dropped");
+        let oversized_log = crate::log_summary::FloodLog::new("result replaced by an ErrorReport");
         let mut connected = self.connected.clone();
         let beat = self.health.register("bus-publisher");
         loop {
@@ -671,6 +702,7 @@ impl PublisherTask {
                 cmd = self.rx.recv() => match cmd {
                     None => break,
                     Some(ToBus::Send(m)) => {
+                        let m = self.place(m, &oversized_log);
                         let online = *connected.borrow();
                         if !online && m.qos == 0 {
                             // Nobody expects a QoS 0 message to survive an outage.
@@ -705,6 +737,7 @@ impl PublisherTask {
             self.acks.retry(|t| self.client.try_ack(t));
             self.client.gauge().set_backlog(backlog.messages.len());
             dropped_log.flush();
+            oversized_log.flush();
             while backlog
                 .flushes
                 .front()
@@ -717,11 +750,76 @@ impl PublisherTask {
         }
     }
 
+    /// Chooses where `m` goes. A result too large for a packet becomes an
+    /// ErrorReport for its request (echoed strings are bounded, so only a
+    /// huge crop count with large candidate lists gets there).
+    fn place(&self, m: Outbound, oversized: &crate::log_summary::FloodLog) -> Publication {
+        let t = &self.topics;
+        match m {
+            Outbound::Result {
+                payload,
+                request_id,
+                encoding,
+                ack,
+            } => {
+                if fits_packet(&t.results, payload.len(), self.max_packet_bytes) {
+                    return Publication {
+                        topic: t.results.clone(),
+                        payload,
+                        qos: self.results_qos,
+                        retain: false,
+                        ack,
+                    };
+                }
+                self.metrics.add_errors(1);
+                let reason = format!(
+                    "the result of {} bytes would exceed bus.max_packet_bytes ({}); send fewer crops per request or lower top_k",
+                    payload.len(),
+                    self.max_packet_bytes
+                );
+                oversized.event(Some(&request_id), &reason);
+                let report = protocol::ErrorReport {
+                    request_id: Some(request_id),
+                    reason: protocol::bounded_text(reason),
+                    ts_ms: crate::clock::now_ms(),
+                };
+                Publication {
+                    topic: t.errors.clone(),
+                    payload: protocol::encode(&report, encoding),
+                    qos: 1,
+                    retain: false,
+                    ack,
+                }
+            }
+            Outbound::Error { payload, ack } => Publication {
+                topic: t.errors.clone(),
+                payload,
+                qos: 1,
+                retain: false,
+                ack,
+            },
+            Outbound::Status { payload } => Publication {
+                topic: t.status.clone(),
+                payload,
+                qos: 1,
+                retain: true,
+                ack: None,
+            },
+            Outbound::Metrics { payload } => Publication {
+                topic: t.metrics.clone(),
+                payload,
+                qos: 0,
+                retain: false,
+                ack: None,
+            },
+        }
+    }
+
     /// Hands the backlog to rumqttc in order until its queue is full.
     fn hand_over(&self, backlog: &mut Backlog) {
         while let Some(mut m) = backlog.messages.pop_front() {
             if !fits_packet(&m.topic, m.payload.len(), self.max_packet_bytes) {
-                // The pipeline replaces results that do not fit; anything
+                // Results that do not fit were replaced in `place`; anything
                 // else this large is a bug, reported here instead of looping.
                 tracing::error!(
                     topic = %m.topic,

@@ -203,14 +203,13 @@ pub fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
-    if let Command::Fleet { action } = cli.command {
-        return fleet::run(action);
-    }
-    run_command(cli.command).map(|()| ExitCode::SUCCESS)
+    run_command(cli.command)
 }
 
-fn run_command(command: Command) -> anyhow::Result<()> {
-    match command {
+/// Runs one command; every command but `fleet` exits 0 on success (the
+/// fleet CLI's exit code says how the devices answered).
+fn run_command(command: Command) -> anyhow::Result<ExitCode> {
+    let done: anyhow::Result<()> = match command {
         Command::Demo {
             verbose,
             host,
@@ -308,7 +307,7 @@ fn run_command(command: Command) -> anyhow::Result<()> {
         }
         Command::CheckConfig { config } => {
             let cfg = LoadedConfig::load(&config.config)?;
-            cfg.check_environment()?;
+            crate::preflight::check(&cfg)?;
             let manifest = crate::manifest::ModelManifest::load(&cfg.manifest_path())?;
             print!("{}", cfg.to_masked_toml());
             eprintln!(
@@ -319,8 +318,9 @@ fn run_command(command: Command) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Bench(args) => bench::run(args),
-        Command::Fleet { action } => fleet::run(action).map(|_| ()),
-    }
+        Command::Fleet { action } => return fleet::run(action),
+    };
+    done.map(|()| ExitCode::SUCCESS)
 }
 
 /// The async runtime of the daemon and the demo.

@@ -11,14 +11,16 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rumqttc::{AsyncClient, Event, EventLoop, NetworkOptions, Packet, Publish, QoS};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
-use crate::bus::{Outbound, StatusSource, ToBus, Topics};
+use crate::bus::{
+    ConnectionAction, ConnectionEvent, ConnectionState, Outbound, StatusSource, ToBus, Topics,
+};
 use crate::config::{Encoding, LoadedConfig};
 use crate::health::{Health, Heartbeat};
 use crate::protocol::{self, AgentState};
@@ -39,7 +41,6 @@ struct Worker {
     client: AsyncClient,
     receiver: Arc<UpdateReceiver>,
     ack_topic: String,
-    status_topic: String,
     status: Arc<StatusSource>,
     out: mpsc::Sender<ToBus>,
     encoding: Encoding,
@@ -91,7 +92,6 @@ impl UpdateSession {
                 client: client.clone(),
                 receiver,
                 ack_topic: topics.refdb_ack.clone(),
-                status_topic: topics.status.clone(),
                 status,
                 out,
                 encoding: c.encoding,
@@ -166,7 +166,7 @@ impl Connection {
         network.set_tcp_nodelay(true);
         network.set_connection_timeout(10);
         self.eventloop.set_network_options(network);
-        let mut backoff = crate::bus::Backoff::new(self.reconnect_min, self.reconnect_max);
+        let mut session = ConnectionState::new(self.reconnect_min, self.reconnect_max);
         // Polled until the DISCONNECT that `stop` queues has gone out, so
         // the worker's last ack and PUBACK are written first.
         loop {
@@ -175,15 +175,26 @@ impl Connection {
             match event {
                 Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => break,
                 Ok(Event::Incoming(Packet::ConnAck(ack))) => {
-                    backoff.reset();
-                    self.generation.fetch_add(1, Ordering::AcqRel);
                     info!(
                         session_present = ack.session_present,
                         "update session connected"
                     );
-                    if let Err(e) = self.client.try_subscribe_many(self.subscriptions.clone()) {
-                        warn!("cannot queue the update subscriptions: {e}");
+                    let event = ConnectionEvent::Connected {
+                        session_present: ack.session_present,
+                    };
+                    for action in session.on(event, Instant::now()) {
+                        // The updates in flight are the broker's to send
+                        // again; nothing of ours is kept to re-send.
+                        if action == ConnectionAction::Subscribe {
+                            if let Err(e) =
+                                self.client.try_subscribe_many(self.subscriptions.clone())
+                            {
+                                warn!("cannot queue the update subscriptions: {e}");
+                            }
+                        }
                     }
+                    self.generation
+                        .store(session.generation(), Ordering::Release);
                 }
                 Ok(Event::Incoming(Packet::SubAck(ack))) => {
                     let refused = ack
@@ -200,7 +211,14 @@ impl Connection {
                                 .join(" and ")
                         );
                     }
-                    let _ = self.subscribed.send(!refused);
+                    let event = ConnectionEvent::Subscribed {
+                        refused: usize::from(refused),
+                    };
+                    for action in session.on(event, Instant::now()) {
+                        if let ConnectionAction::SetSubscribed(ok) = action {
+                            let _ = self.subscribed.send(ok);
+                        }
+                    }
                 }
                 Ok(Event::Incoming(Packet::Publish(p))) => {
                     if *self.stopping.borrow() {
@@ -214,11 +232,20 @@ impl Connection {
                 Ok(_) => {}
                 Err(e) => {
                     drop(busy);
-                    let _ = self.subscribed.send(false);
+                    let mut wait = self.reconnect_min;
+                    for action in session.on(ConnectionEvent::Lost, Instant::now()) {
+                        match action {
+                            ConnectionAction::SetSubscribed(ok) => {
+                                let _ = self.subscribed.send(ok);
+                            }
+                            ConnectionAction::Reconnect(d) => wait = d,
+                            // The main session warns about a shared client id.
+                            _ => {}
+                        }
+                    }
                     if *self.stopping.borrow() {
                         break;
                     }
-                    let wait = backoff.next_delay();
                     warn!(
                         retry_in_ms = wait.as_millis() as u64,
                         "update session: broker connection failed: {e}"
@@ -267,12 +294,8 @@ impl Worker {
                         continue;
                     }
                     if changed {
-                        let status = Outbound {
-                            topic: self.status_topic.clone(),
+                        let status = Outbound::Status {
                             payload: self.status.status_payload(AgentState::Online),
-                            qos: 1,
-                            retain: true,
-                            ack: None,
                         };
                         let _ = self.out.send(ToBus::Send(status)).await;
                     }

@@ -57,9 +57,6 @@ pub use request::{RequestHeader, RequestState};
 pub struct PipelineContext {
     pub device_id: String,
     pub model: ModelRef,
-    pub results_topic: String,
-    pub errors_topic: String,
-    pub results_qos: u8,
     /// Encoding of error reports when the request's cannot be told.
     pub default_encoding: Encoding,
     pub limits: DecodeLimits,
@@ -69,9 +66,6 @@ pub struct PipelineContext {
     pub metrics: Arc<Metrics>,
     pub refdb: Arc<RefDb>,
     pub out: tokio::sync::mpsc::Sender<ToBus>,
-    /// `bus.max_packet_bytes`: a result that would not fit becomes an
-    /// ErrorReport.
-    pub max_packet_bytes: usize,
     /// Where the pipeline's threads register their heartbeats.
     pub health: Health,
     /// Per-request warnings, logged as summaries under a flood.
@@ -87,8 +81,6 @@ pub struct PipelineLogs {
     pub refused: FloodLog,
     /// Requests that could not be handled (unreadable, over a limit).
     pub rejected: FloodLog,
-    /// Results replaced by an ErrorReport because they would not fit.
-    pub oversized_answers: FloodLog,
 }
 
 impl Default for PipelineLogs {
@@ -97,7 +89,6 @@ impl Default for PipelineLogs {
             dropped: FloodLog::new("request dropped"),
             refused: FloodLog::new("request refused"),
             rejected: FloodLog::new("request rejected"),
-            oversized_answers: FloodLog::new("result replaced by an ErrorReport"),
         }
     }
 }
@@ -106,12 +97,7 @@ impl PipelineLogs {
     /// Writes the summaries that are due (the drop reporter calls this
     /// about once a second, so a flood's last summary is not held back).
     pub fn flush(&self) {
-        for log in [
-            &self.dropped,
-            &self.refused,
-            &self.rejected,
-            &self.oversized_answers,
-        ] {
+        for log in [&self.dropped, &self.refused, &self.rejected] {
             log.flush();
         }
     }
@@ -147,40 +133,13 @@ impl PipelineContext {
         reason: String,
     ) {
         let encoding = protocol::detect_encoding(payload).unwrap_or(self.default_encoding);
-        self.send(error_message(
-            &self.errors_topic,
-            encoding,
-            request_id,
-            reason,
-            ack,
-        ));
+        self.send(error_message(encoding, request_id, reason, ack));
     }
 
     fn finish(&self, req: &RequestState) {
         let refdb_version = req.refdb_version(self.refdb.meta().version);
         let result = req.result(&self.device_id, &self.model, refdb_version);
         let payload = protocol::encode(&result, req.encoding);
-        if !crate::bus::fits_packet(&self.results_topic, payload.len(), self.max_packet_bytes) {
-            // Echoed strings are bounded, so only a huge crop count with
-            // large candidate lists gets here: answer with an ErrorReport.
-            self.metrics.add_errors(1);
-            let reason = format!(
-                "the result of {} bytes would exceed bus.max_packet_bytes ({}); send fewer crops per request or lower top_k",
-                payload.len(),
-                self.max_packet_bytes
-            );
-            self.logs
-                .oversized_answers
-                .event(Some(&req.request_id), &reason);
-            self.send(error_message(
-                &self.errors_topic,
-                req.encoding,
-                Some(req.request_id.clone()),
-                reason,
-                req.ack,
-            ));
-            return;
-        }
         let t = result.timing_us;
         self.metrics.record(&[
             (Stage::Queue, Duration::from_micros(t.queue)),
@@ -190,19 +149,19 @@ impl PipelineContext {
             (Stage::Total, Duration::from_micros(t.total)),
         ]);
         debug!(parent: req.span(), total_us = t.total, batch = result.batch_size, "request answered");
-        self.send(Outbound {
-            topic: self.results_topic.clone(),
+        // The bus replaces a result too large for a packet with an
+        // ErrorReport for its request.
+        self.send(Outbound::Result {
             payload,
-            qos: self.results_qos,
-            retain: false,
+            request_id: req.request_id.clone(),
+            encoding: req.encoding,
             ack: req.ack,
         });
     }
 }
 
-/// An ErrorReport message for the errors topic.
+/// An ErrorReport message.
 pub fn error_message(
-    topic: &str,
     encoding: Encoding,
     request_id: Option<String>,
     reason: String,
@@ -213,11 +172,8 @@ pub fn error_message(
         reason: protocol::bounded_text(reason),
         ts_ms: crate::clock::now_ms(),
     };
-    Outbound {
-        topic: topic.to_string(),
+    Outbound::Error {
         payload: protocol::encode(&report, encoding),
-        qos: 1,
-        retain: false,
         ack,
     }
 }
@@ -284,7 +240,6 @@ fn drop_reporter(ctx: &PipelineContext, beat: &Heartbeat, reports: &ReportQueue)
             Report::Aggregate(n) => {
                 warn!(count = n, "requests dropped without a report of their own");
                 ctx.send(error_message(
-                    &ctx.errors_topic,
                     ctx.default_encoding,
                     None,
                     format!(

@@ -144,51 +144,7 @@ pub fn decode_image(bytes: &[u8], limits: &DecodeLimits) -> Result<RgbImage, Vis
     Ok(decoded.into_rgb8())
 }
 
-/// Layouts of uncompressed pixel buffers the contract accepts. Read from
-/// a plain string (by hand: generic value deserializers, which crops go
-/// through, do not all take a string for a unit variant).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum RawFormat {
-    Rgb8,
-    Bgr8,
-    Rgba8,
-    Gray8,
-}
-
-impl<'de> serde::Deserialize<'de> for RawFormat {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let name = std::borrow::Cow::<'de, str>::deserialize(d)?;
-        [Self::Rgb8, Self::Bgr8, Self::Rgba8, Self::Gray8]
-            .into_iter()
-            .find(|f| f.name() == name)
-            .ok_or_else(|| {
-                serde::de::Error::custom(format!(
-                    "raw format `{}` is not one of rgb8, bgr8, rgba8, gray8",
-                    crate::protocol::bounded_text(name.into_owned())
-                ))
-            })
-    }
-}
-
-impl RawFormat {
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::Rgb8 => "rgb8",
-            Self::Bgr8 => "bgr8",
-            Self::Rgba8 => "rgba8",
-            Self::Gray8 => "gray8",
-        }
-    }
-
-    fn bytes_per_pixel(self) -> usize {
-        match self {
-            Self::Rgb8 | Self::Bgr8 => 3,
-            Self::Rgba8 => 4,
-            Self::Gray8 => 1,
-        }
-    }
-}
+pub use crate::protocol::RawFormat;
 
 /// An RGB8 image that borrows its pixels where it can.
 pub type RgbView<'a> = ImageBuffer<Rgb<u8>, Cow<'a, [u8]>>;
