@@ -98,10 +98,13 @@ fn check_request(req: &CropRequest) {
 /// The ErrorReport that answers a request that cannot be handled fits
 /// well inside a packet, whatever the input quoted in its reason.
 fn check_report(encoding: Encoding, request_id: Option<String>, e: &ProtocolError) {
-    let out = retail_agent::pipeline::error_message("t", encoding, request_id, e.to_string(), None);
+    let out = retail_agent::pipeline::error_message(encoding, request_id, e.to_string(), None);
+    let retail_agent::bus::Outbound::Error { payload, .. } = out else {
+        panic!("an ErrorReport is an Outbound::Error: {out:?}");
+    };
     assert!(
-        out.payload.len() <= MAX_REPORT_BYTES,
+        payload.len() <= MAX_REPORT_BYTES,
         "ErrorReport of {} bytes",
-        out.payload.len()
+        payload.len()
     );
 }
