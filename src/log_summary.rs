@@ -109,10 +109,10 @@ impl FloodLog {
     /// Logs one event, or counts it for the next summary.
     pub fn event(&self, request_id: Option<&str>, reason: &str) {
         let now = Instant::now();
-        let (logged, due) = {
+        let (logged, due, interval) = {
             let mut t = self.lock();
             let due = t.due(now);
-            (t.record(now, request_id, reason), due)
+            (t.record(now, request_id, reason), due, t.interval)
         };
         if let Some(s) = due {
             self.write_summary(&s);
@@ -122,7 +122,7 @@ impl FloodLog {
                 request_id = request_id.unwrap_or("-"),
                 "{}: {reason} (repeats within {} s are counted into one summary line)",
                 self.what,
-                self.lock().interval.as_secs()
+                interval.as_secs()
             );
         }
     }

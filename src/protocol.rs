@@ -596,6 +596,18 @@ pub struct ErrorReport {
     pub ts_ms: u64,
 }
 
+impl ErrorReport {
+    /// A report about `request_id` stamped now, its reason cut to
+    /// [`MAX_ERROR_TEXT`].
+    pub fn now(request_id: Option<String>, reason: String) -> Self {
+        Self {
+            request_id,
+            reason: bounded_text(reason),
+            ts_ms: crate::clock::now_ms(),
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RefDbState {
     pub version: u64,

@@ -111,29 +111,8 @@ async fn results_or_reports(
     ids: &HashSet<String>,
     timeout: Duration,
 ) -> (HashSet<String>, HashSet<String>) {
-    let (mut answered, mut reported) = (HashSet::new(), HashSet::new());
-    let deadline = Instant::now() + timeout;
-    while answered.len() + reported.len() < ids.len() {
-        let left = deadline.saturating_duration_since(Instant::now());
-        let Some((t, p, _)) = c.next(left).await else {
-            panic!(
-                "after {timeout:?}: {} of {} answered, {} reported",
-                answered.len(),
-                ids.len(),
-                reported.len()
-            );
-        };
-        let v = to_json(&p);
-        let Some(id) = v["request_id"].as_str().filter(|id| ids.contains(*id)) else {
-            continue;
-        };
-        if t == results {
-            answered.insert(id.to_string());
-        } else if t == errors {
-            reported.insert(id.to_string());
-        }
-    }
-    (answered, reported)
+    let (answered, reported) = answers_and_reports(c, results, errors, ids, timeout).await;
+    (answered, reported.into_keys().collect())
 }
 
 /// Publishes, at QoS 1, single-crop requests `{prefix}-{i:02}` for `range`

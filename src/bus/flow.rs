@@ -26,6 +26,15 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use tokio::sync::Notify;
 
+/// How far held requests' count may fill the sink past its bound before
+/// [`Intake::Full`] (16,384 with the default queue of 256): high, because
+/// until then the event loop keeps reading its own PUBACKs and PINGRESPs
+/// through whatever an overshooting broker sent first.
+pub const HARD_LIMIT_COUNT_FACTOR: usize = 64;
+/// How far held requests' bytes may fill the sink past its byte bound
+/// before [`Intake::Full`] (256 MiB with the defaults).
+pub const HARD_LIMIT_BYTES_FACTOR: usize = 4;
+
 /// How full the request sink is of requests whose acknowledgement it holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Intake {

@@ -507,7 +507,9 @@ impl EventLoopTask {
                 self.hard_limit_log.event(
                     None,
                     &format!(
-                        "the broker sent more unacknowledged QoS 1 requests than the queue's hard limit (64 x pipeline.queue_capacity or 4 x queue_max_bytes); reading paused {} ms while the pipeline drained. Keep the broker's in-flight window (Mosquitto: max_inflight_messages) at or below pipeline.queue_capacity",
+                        "the broker sent more unacknowledged QoS 1 requests than the queue's hard limit ({} x pipeline.queue_capacity or {} x queue_max_bytes); reading paused {} ms while the pipeline drained. Keep the broker's in-flight window (Mosquitto: max_inflight_messages) at or below pipeline.queue_capacity",
+                        flow::HARD_LIMIT_COUNT_FACTOR,
+                        flow::HARD_LIMIT_BYTES_FACTOR,
                         waited.as_millis()
                     ),
                 );
@@ -778,11 +780,7 @@ impl PublisherTask {
                     self.max_packet_bytes
                 );
                 oversized.event(Some(&request_id), &reason);
-                let report = protocol::ErrorReport {
-                    request_id: Some(request_id),
-                    reason: protocol::bounded_text(reason),
-                    ts_ms: crate::clock::now_ms(),
-                };
+                let report = protocol::ErrorReport::now(Some(request_id), reason);
                 Publication {
                     topic: t.errors.clone(),
                     payload: protocol::encode(&report, encoding),

@@ -167,13 +167,8 @@ pub fn error_message(
     reason: String,
     ack: Option<AckToken>,
 ) -> Outbound {
-    let report = ErrorReport {
-        request_id,
-        reason: protocol::bounded_text(reason),
-        ts_ms: crate::clock::now_ms(),
-    };
     Outbound::Error {
-        payload: protocol::encode(&report, encoding),
+        payload: protocol::encode(&ErrorReport::now(request_id, reason), encoding),
         ack,
     }
 }

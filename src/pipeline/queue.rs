@@ -10,24 +10,16 @@
 //! is queued past the bounds. [`IngestQueue::intake`] tells the bus how
 //! full of held messages the queue is: at the bounds it reads from the
 //! broker only for its own traffic, at the hard limit ([`HARD_LIMIT_COUNT_FACTOR`]
-//! times the count or [`HARD_LIMIT_FACTOR`] times the bytes, reached only when
+//! times the count or [`HARD_LIMIT_BYTES_FACTOR`] times the bytes, reached only when
 //! a broker ignores its in-flight window) it stops reading until the workers drain the queue below it (see
 //! `bus::flow`). Workers block on `pop`.
 
 use std::collections::VecDeque;
 use std::sync::{Condvar, Mutex};
 
+use crate::bus::flow::{HARD_LIMIT_BYTES_FACTOR, HARD_LIMIT_COUNT_FACTOR};
 use crate::bus::Intake;
 use crate::config::OverflowPolicy;
-
-/// How far held messages' bytes fill the queue past `queue_max_bytes`
-/// before the bus stops reading altogether (256 MiB with the defaults).
-pub const HARD_LIMIT_FACTOR: usize = 4;
-/// How far held messages' count fills the queue past `queue_capacity`
-/// before the bus stops reading altogether (16,384 with the defaults):
-/// high, because until then the bus keeps reading its own PUBACKs and
-/// PINGRESPs through whatever an overshooting broker sent first.
-pub const HARD_LIMIT_COUNT_FACTOR: usize = 64;
 
 pub struct IngestQueue<T> {
     state: Mutex<State<T>>,
@@ -208,14 +200,14 @@ impl<T> IngestQueue<T> {
 
     /// How full of held (non-droppable) messages the queue is: at its
     /// bounds, [`Intake::Saturated`]; at [`HARD_LIMIT_COUNT_FACTOR`] times
-    /// the count or [`HARD_LIMIT_FACTOR`] times the bytes, [`Intake::Full`].
+    /// the count or [`HARD_LIMIT_BYTES_FACTOR`] times the bytes, [`Intake::Full`].
     pub fn intake(&self) -> Intake {
         let s = self.lock();
         let over = |count_factor: usize, bytes_factor: usize| {
             s.held >= self.capacity.saturating_mul(count_factor)
                 || (s.held > 0 && s.held_bytes >= self.max_bytes.saturating_mul(bytes_factor))
         };
-        if over(HARD_LIMIT_COUNT_FACTOR, HARD_LIMIT_FACTOR) {
+        if over(HARD_LIMIT_COUNT_FACTOR, HARD_LIMIT_BYTES_FACTOR) {
             Intake::Full
         } else if over(1, 1) {
             Intake::Saturated
@@ -317,7 +309,7 @@ mod tests {
         let q = drop_oldest(100, 10);
         assert!(q.push(1, 10, false).queued);
         assert_eq!(q.intake(), Intake::Saturated);
-        assert!(q.push(2, 10 * HARD_LIMIT_FACTOR - 10, false).queued);
+        assert!(q.push(2, 10 * HARD_LIMIT_BYTES_FACTOR - 10, false).queued);
         assert_eq!(q.intake(), Intake::Full);
         assert_eq!(q.pop(), Some(1));
         assert_eq!(q.pop(), Some(2));
