@@ -192,8 +192,10 @@ impl Agent {
             warn!("the update session is not subscribed yet; going on");
         }
         let options = bus::mqtt_options(&cfg, &status, &topics)?;
-        let (client, eventloop) = rumqttc::AsyncClient::new(options, 1024);
-        let client = bus::BusClient::new(client, Arc::new(bus::flow::OutgoingGauge::default()));
+        // rumqttc's own request channel carries only the DISCONNECT at
+        // shutdown; everything else goes through the outbox (bus::client).
+        let (client, eventloop) = rumqttc::AsyncClient::new(options, 16);
+        let client = bus::BusClient::new(client, Arc::new(bus::Outbox::new(bus::OUTBOX_CAPACITY)));
         let (connected_tx, connected_rx) = watch::channel(false);
         let (subscribed_tx, subscribed_rx) = watch::channel(false);
         let (stopping_tx, stopping_rx) = watch::channel(false);

@@ -1,45 +1,150 @@
-//! The agent's handle on its main MQTT session: rumqttc's client, with
-//! every request it hands over counted in the [`OutgoingGauge`] so that
-//! flow control knows when something of ours waits in rumqttc's queue
-//! (see [`super::flow`]). Never waits on rumqttc: a request its full queue
-//! cannot take is given back to the caller. The update session
-//! (`fleet::session`) has its own connection and does not use this.
+//! The agent's handle on its main MQTT session, and the queue of what the
+//! agent sends on it ([`Outbox`]).
+//!
+//! Publishes, acknowledgements and subscriptions do not go through
+//! rumqttc's request channel: rumqttc takes from that channel only inside
+//! `poll`, in a random race with reading the socket, one request per ten
+//! packets read, so under a flood our answers and PUBACKs left at a
+//! fraction of the rate they were made, and not at all while flow control
+//! held reading back. They go into the [`Outbox`] instead, which the event
+//! loop (`super::EventLoopTask`) writes to the socket itself, before every
+//! poll and all through a hold, through rumqttc's own state (packet ids,
+//! the in-flight window, re-sending after a reconnection). Only the
+//! DISCONNECT at shutdown goes through rumqttc's channel, when nothing is
+//! held back. Never waits: a request the full outbox cannot take is given
+//! back to the caller. The update session (`fleet::session`) has its own
+//! connection and does not use this.
 
-use std::sync::Arc;
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 
-use rumqttc::{AsyncClient, ClientError, Publish, QoS, Request, SubscribeFilter};
+use rumqttc::{AsyncClient, ClientError, PubAck, PubRec, Publish, QoS, Request, Subscribe};
+use tokio::sync::Notify;
 
-use super::flow::OutgoingGauge;
 use super::AckToken;
 
-/// rumqttc's client plus the gauge of what it has not sent yet.
+/// Requests the agent wants written on its main session, in order.
+#[derive(Debug)]
+pub struct Outbox {
+    queue: Mutex<VecDeque<Request>>,
+    capacity: usize,
+    /// The publisher's backlog (messages the full outbox refused).
+    backlog: AtomicUsize,
+    wake: Notify,
+}
+
+impl Outbox {
+    /// An outbox taking up to `capacity` requests.
+    pub fn new(capacity: usize) -> Self {
+        Self {
+            queue: Mutex::new(VecDeque::new()),
+            capacity: capacity.max(1),
+            backlog: AtomicUsize::new(0),
+            wake: Notify::new(),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<Request>> {
+        self.queue.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Queues `request`, or gives it back when the outbox is full.
+    pub fn push(&self, request: Request) -> Result<(), Request> {
+        {
+            let mut q = self.lock();
+            if q.len() >= self.capacity {
+                return Err(request);
+            }
+            q.push_back(request);
+        }
+        self.wake.notify_one();
+        Ok(())
+    }
+
+    /// The next request to write, in order. A QoS 1/2 publish at the front
+    /// waits (and everything behind it) while `publish_allowed` is false:
+    /// rumqttc's in-flight window is full or a packet id collided.
+    pub fn pop(&self, publish_allowed: bool) -> Option<Request> {
+        let mut q = self.lock();
+        match q.front() {
+            Some(Request::Publish(p)) if p.qos != QoS::AtMostOnce && !publish_allowed => None,
+            Some(_) => q.pop_front(),
+            None => None,
+        }
+    }
+
+    /// Requests queued and not written yet.
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The connection ended. Acknowledgements of its deliveries are void
+    /// (the broker delivers those messages again, and a PUBACK the new
+    /// connection did not ask for confuses some brokers), and subscriptions
+    /// are made again on connecting; publishes stay for the next connection.
+    pub fn connection_lost(&self) {
+        self.lock().retain(|r| {
+            !matches!(
+                r,
+                Request::PubAck(_) | Request::PubRec(_) | Request::Subscribe(_)
+            )
+        });
+    }
+
+    /// The publisher's backlog changed size.
+    pub fn set_backlog(&self, len: usize) {
+        let before = self.backlog.swap(len, Ordering::AcqRel);
+        if len > before {
+            self.wake.notify_one();
+        }
+    }
+
+    /// Messages the publisher keeps because the outbox was full.
+    pub fn backlog(&self) -> usize {
+        self.backlog.load(Ordering::Acquire)
+    }
+
+    /// Resolves when something was queued or put aside since the last call
+    /// (a wake-up is kept if nobody waited for it).
+    pub async fn woken(&self) {
+        self.wake.notified().await;
+    }
+}
+
+/// rumqttc's client (for the DISCONNECT, and to keep rumqttc's request
+/// channel open) plus the [`Outbox`] everything else goes through.
 #[derive(Clone)]
 pub struct BusClient {
     client: AsyncClient,
-    gauge: Arc<OutgoingGauge>,
+    outbox: Arc<Outbox>,
 }
 
-/// A publish rumqttc's queue could not take: its payload, given back.
+/// A publish the outbox could not take: its payload, given back.
 #[derive(Debug)]
 pub struct NotTaken(pub Vec<u8>);
 
 impl std::fmt::Display for NotTaken {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "the MQTT client's request queue is full")
+        write!(f, "the MQTT session's outbox is full")
     }
 }
 
 impl BusClient {
-    pub fn new(client: AsyncClient, gauge: Arc<OutgoingGauge>) -> Self {
-        Self { client, gauge }
+    /// `client` must be the one created with the session's event loop.
+    pub fn new(client: AsyncClient, outbox: Arc<Outbox>) -> Self {
+        Self { client, outbox }
     }
 
-    pub fn gauge(&self) -> &Arc<OutgoingGauge> {
-        &self.gauge
+    pub fn outbox(&self) -> &Arc<Outbox> {
+        &self.outbox
     }
 
-    /// Puts a publish on rumqttc's queue, or gives its payload back when
-    /// the queue is full.
+    /// Queues a publish, or gives its payload back when the outbox is full.
     pub fn try_publish(
         &self,
         topic: &str,
@@ -47,60 +152,113 @@ impl BusClient {
         retain: bool,
         payload: Vec<u8>,
     ) -> Result<(), NotTaken> {
-        match self.client.try_publish(topic, qos, retain, payload) {
-            Ok(()) => {
-                self.gauge.handed();
-                Ok(())
-            }
-            Err(ClientError::TryRequest(Request::Publish(p)))
-            | Err(ClientError::Request(Request::Publish(p))) => Err(NotTaken(Vec::from(p.payload))),
-            // rumqttc only refuses a publish by handing it back.
-            Err(_) => Err(NotTaken(Vec::new())),
-        }
+        let mut p = Publish::new(topic, qos, payload);
+        p.retain = retain;
+        self.outbox.push(Request::Publish(p)).map_err(|r| match r {
+            Request::Publish(p) => NotTaken(Vec::from(p.payload)),
+            _ => NotTaken(Vec::new()),
+        })
     }
 
-    /// Queues the PUBACK (or PUBREC) of `token`; false when rumqttc's queue
-    /// is full (the [`super::AckSequencer`] keeps the token for later).
+    /// Queues the PUBACK (or PUBREC) of `token`; false when the outbox is
+    /// full (the [`super::AckSequencer`] keeps the token for later).
     pub fn try_ack(&self, token: AckToken) -> bool {
-        let mut p = Publish::new("", super::qos(token.qos), Vec::<u8>::new());
-        p.pkid = token.pkid;
-        match self.client.try_ack(&p) {
-            Ok(()) => {
-                if token.qos > 0 {
-                    self.gauge.handed();
-                }
-                true
-            }
-            Err(err) => {
-                tracing::debug!(pkid = token.pkid, "acknowledgement waits: {err}");
+        let request = match token.qos {
+            0 => return true,
+            1 => Request::PubAck(PubAck::new(token.pkid)),
+            _ => Request::PubRec(PubRec::new(token.pkid)),
+        };
+        match self.outbox.push(request) {
+            Ok(()) => true,
+            Err(_) => {
+                tracing::debug!(pkid = token.pkid, "acknowledgement waits: outbox full");
                 false
             }
         }
     }
 
-    pub fn try_subscribe_many(&self, subs: Vec<SubscribeFilter>) -> Result<(), ClientError> {
-        self.client.try_subscribe_many(subs)?;
-        self.gauge.handed();
-        Ok(())
+    /// Queues the subscriptions made on each connection.
+    pub fn try_subscribe_many(&self, subs: Vec<rumqttc::SubscribeFilter>) -> Result<(), String> {
+        if subs.is_empty() {
+            return Ok(());
+        }
+        self.outbox
+            .push(Request::Subscribe(Subscribe::new_many(subs)))
+            .map_err(|_| "the MQTT session's outbox is full".to_string())
     }
 
+    /// Asks rumqttc to disconnect (shutdown only: the event loop does not
+    /// hold back then, so rumqttc's `poll` takes it).
     pub fn try_disconnect(&self) -> Result<(), ClientError> {
-        self.client.try_disconnect()?;
-        self.gauge.handed();
-        Ok(())
+        self.client.try_disconnect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn publish(qos: QoS) -> Request {
+        Request::Publish(Publish::new("t", qos, vec![1]))
     }
 
-    /// Publishes, waiting for room in rumqttc's queue (shutdown only: the
-    /// event loop does not hold back then).
-    pub async fn publish(
-        &self,
-        topic: &str,
-        qos: QoS,
-        retain: bool,
-        payload: Vec<u8>,
-    ) -> Result<(), ClientError> {
-        self.client.publish(topic, qos, retain, payload).await?;
-        self.gauge.handed();
-        Ok(())
+    #[test]
+    fn a_full_outbox_gives_the_request_back() {
+        let o = Outbox::new(2);
+        assert!(o.push(publish(QoS::AtLeastOnce)).is_ok());
+        assert!(o.push(Request::PubAck(PubAck::new(7))).is_ok());
+        assert!(matches!(
+            o.push(publish(QoS::AtMostOnce)),
+            Err(Request::Publish(_))
+        ));
+        assert_eq!(o.len(), 2);
+    }
+
+    #[test]
+    fn a_qos1_publish_waits_for_the_window_and_keeps_what_follows_in_order() {
+        let o = Outbox::new(8);
+        o.push(publish(QoS::AtLeastOnce)).unwrap();
+        o.push(Request::PubAck(PubAck::new(7))).unwrap();
+        assert!(o.pop(false).is_none(), "window full: nothing overtakes");
+        assert!(matches!(o.pop(true), Some(Request::Publish(_))));
+        assert!(matches!(o.pop(false), Some(Request::PubAck(_))));
+        o.push(publish(QoS::AtMostOnce)).unwrap();
+        assert!(
+            matches!(o.pop(false), Some(Request::Publish(_))),
+            "QoS 0 needs no window"
+        );
+        assert!(o.pop(true).is_none());
+    }
+
+    #[test]
+    fn a_lost_connection_voids_its_acknowledgements_and_subscriptions_but_keeps_publishes() {
+        let o = Outbox::new(8);
+        o.push(Request::PubAck(PubAck::new(1))).unwrap();
+        o.push(publish(QoS::AtLeastOnce)).unwrap();
+        o.push(Request::PubRec(PubRec::new(2))).unwrap();
+        o.push(Request::Subscribe(Subscribe::new("t", QoS::AtLeastOnce)))
+            .unwrap();
+        o.connection_lost();
+        assert_eq!(o.len(), 1);
+        assert!(matches!(o.pop(true), Some(Request::Publish(_))));
+    }
+
+    #[tokio::test]
+    async fn queueing_or_a_growing_backlog_wakes_the_event_loop() {
+        let o = Arc::new(Outbox::new(4));
+        o.push(Request::PubAck(PubAck::new(1))).unwrap();
+        // The wake-up was kept for the next wait.
+        tokio::time::timeout(std::time::Duration::from_secs(1), o.woken())
+            .await
+            .expect("woken by the push");
+        let o2 = o.clone();
+        let waiter = tokio::spawn(async move { o2.woken().await });
+        tokio::task::yield_now().await;
+        o.set_backlog(4);
+        tokio::time::timeout(std::time::Duration::from_secs(1), waiter)
+            .await
+            .expect("woken by the backlog")
+            .unwrap();
+        assert_eq!(o.backlog(), 4);
     }
 }

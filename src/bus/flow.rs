@@ -3,28 +3,25 @@
 //!
 //! MQTT 3.1.1 has no way to tell a broker "send less" other than leaving
 //! deliveries unacknowledged (the broker's in-flight window) and reading
-//! less. Reading less stops everything on the connection: the PUBACKs of
-//! our own results and the PINGRESPs sit in the same byte stream as the
-//! requests, and rumqttc writes only from inside `poll`. So the event loop
-//! holds back only while nothing of ours waits to go out or come in
-//! ([`Ours`]), and the publisher never waits on rumqttc (it keeps a backlog
-//! instead), so the pipeline always drains its queue and a hold always
-//! ends. The one exception is [`Intake::Full`]: requests held past the
-//! queue's hard limit mean the broker ignores its own window (Mosquitto 2.0
-//! re-sends a persistent session's whole backlog at once on reconnection);
-//! reading then stops even with our traffic waiting, until the pipeline,
-//! which no longer depends on the socket, drains below the limit. Our
-//! PUBACKs and PINGRESPs sit behind everything the broker sent first, so
-//! such a broker may cost a reconnection per keep-alive until its backlog is
-//! worked off; memory stays bounded and nothing acknowledged is lost.
+//! less. Reading less also stops what comes in for us: the PUBACKs of our
+//! own results and the PINGRESPs sit in the same byte stream as the
+//! requests. Writing does not depend on reading: the event loop writes our
+//! answers, acknowledgements and subscriptions from the outbox
+//! (`super::client::Outbox`) itself, before every poll and all through a
+//! hold, and the publisher never waits on it (it keeps a backlog instead),
+//! so the pipeline always drains its queue and a hold always ends. The
+//! event loop holds back only while nothing of ours needs a poll
+//! ([`Ours::needs_poll`]). The one exception is [`Intake::Full`]: requests
+//! held past the queue's hard limit mean the broker ignores its own window
+//! (Mosquitto 2.0 re-sends a persistent session's whole backlog at once on
+//! reconnection); reading then stops even while we await PUBACKs, until the
+//! pipeline, whose answers and acknowledgements keep going out, drains
+//! below the limit. Memory stays bounded and nothing acknowledged is lost.
 //!
-//! This module is pure: it decides from a snapshot, and counts what was
-//! handed to rumqttc against what rumqttc took ([`OutgoingGauge`]). The
-//! event loop in [`super`] does the waiting.
+//! This module is pure: it decides from a snapshot. The event loop in
+//! [`super`] does the waiting and the writing.
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-
-use tokio::sync::Notify;
+use std::time::Instant;
 
 /// How far held requests' count may fill the sink past its bound before
 /// [`Intake::Full`] (16,384 with the default queue of 256): high, because
@@ -51,116 +48,65 @@ pub enum Intake {
 /// What of ours is on the connection right now.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Ours {
-    /// Requests handed to rumqttc that it has not taken yet.
-    pub queued_in_client: u64,
+    /// Requests in the outbox, not written yet.
+    pub queued: usize,
     /// Our QoS 1 publishes awaiting the broker's PUBACK.
     pub awaiting_acks: u16,
     /// A PINGREQ due, or awaiting its PINGRESP.
     pub awaiting_pingresp: bool,
     /// Requests rumqttc re-sends from an earlier connection.
     pub resending: usize,
-    /// Acknowledgements due that rumqttc's queue did not take yet.
+    /// Acknowledgements due that the full outbox did not take yet.
     pub unsent_acks: usize,
-    /// Messages the publisher keeps because rumqttc's queue was full.
+    /// Messages the publisher keeps because the outbox was full.
     pub backlog: usize,
 }
 
 impl Ours {
-    /// Whether anything of ours needs the event loop to poll.
-    pub fn waiting(&self) -> bool {
-        self.queued_in_client > 0
-            || self.awaiting_acks > 0
-            || self.awaiting_pingresp
-            || self.resending > 0
-            || self.unsent_acks > 0
-            || self.backlog > 0
+    /// Whether anything of ours needs rumqttc's `poll`: a packet to read
+    /// (a PUBACK for our publishes, a PINGRESP), a ping to send, or
+    /// rumqttc's re-sends after a reconnection. What waits to be written
+    /// does not: the event loop writes the outbox itself, during a hold too.
+    pub fn needs_poll(&self) -> bool {
+        self.awaiting_acks > 0 || self.awaiting_pingresp || self.resending > 0
+    }
+
+    /// Whether anything of ours waits to be written (by the event loop,
+    /// with or without a hold).
+    pub fn to_write(&self) -> bool {
+        self.queued > 0 || self.unsent_acks > 0 || self.backlog > 0
     }
 }
 
 /// Why the event loop stops reading.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Hold {
-    /// The sink is saturated and nothing of ours needs the connection.
+    /// The sink is saturated and nothing of ours needs a poll.
     Saturated,
     /// The sink reached its hard limit.
     HardLimit,
+}
+
+/// Whether a packet read since our last PINGREQ shows the connection
+/// alive, so that a PINGRESP not read yet is no reason to drop it. rumqttc
+/// takes a ping still unanswered when the next falls due for a dead
+/// connection; but while flow control reads less, the PINGRESP waits
+/// behind everything the broker sent first (an overshooting broker's
+/// backlog can take longer than a keep-alive to read), and any packet that
+/// arrives after the PINGREQ went out proves the broker and the path alive.
+/// A half-open connection delivers nothing and is still detected; a broker
+/// that stops reading ours is detected by the flush timeout.
+pub fn alive_since_ping(last_read: Instant, last_ping: Instant) -> bool {
+    last_read > last_ping
 }
 
 /// Whether the event loop may stop reading now, and why.
 pub fn hold(intake: Intake, ours: &Ours) -> Option<Hold> {
     match intake {
         Intake::Open => None,
-        Intake::Saturated if ours.waiting() => None,
+        Intake::Saturated if ours.needs_poll() => None,
         Intake::Saturated => Some(Hold::Saturated),
         Intake::Full => Some(Hold::HardLimit),
-    }
-}
-
-/// Counts requests handed to rumqttc's request queue against those its
-/// event loop took, so that the event loop knows whether anything of ours
-/// still waits in a queue it cannot look into. Also wakes a holding event
-/// loop the moment something is handed over or put aside.
-#[derive(Debug, Default)]
-pub struct OutgoingGauge {
-    handed: AtomicU64,
-    taken: AtomicU64,
-    backlog: AtomicUsize,
-    wake: Notify,
-}
-
-impl OutgoingGauge {
-    /// After a request was put on rumqttc's queue.
-    pub fn handed(&self) {
-        self.handed.fetch_add(1, Ordering::AcqRel);
-        self.wake.notify_one();
-    }
-
-    /// The event loop saw rumqttc take one of our requests. Never counts
-    /// past what was handed (a request sent around the gauge, such as the
-    /// offline Status at shutdown, must not hide a later one).
-    pub fn taken(&self) {
-        let handed = self.handed.load(Ordering::Acquire);
-        let _ = self
-            .taken
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |t| {
-                (t < handed).then_some(t + 1)
-            });
-    }
-
-    /// Requests handed and not taken yet.
-    pub fn queued(&self) -> u64 {
-        let taken = self.taken.load(Ordering::Acquire);
-        self.handed.load(Ordering::Acquire).saturating_sub(taken)
-    }
-
-    /// The connection ended: rumqttc moved what its queue held into its
-    /// re-send list (which the event loop sees) or dropped it.
-    pub fn connection_lost(&self) {
-        self.taken
-            .store(self.handed.load(Ordering::Acquire), Ordering::Release);
-    }
-
-    /// The publisher's backlog changed size.
-    pub fn set_backlog(&self, len: usize) {
-        let before = self.backlog.swap(len, Ordering::AcqRel);
-        if len > before {
-            self.wake.notify_one();
-        }
-    }
-
-    pub fn backlog(&self) -> usize {
-        self.backlog.load(Ordering::Acquire)
-    }
-
-    /// Wakes a holding event loop (something of ours is waiting).
-    pub fn wake(&self) {
-        self.wake.notify_one();
-    }
-
-    /// Resolves when something was handed over or put aside since the last
-    /// call (a wake-up is kept if nobody waited for it).
-    pub async fn woken(&self) {
-        self.wake.notified().await;
     }
 }
 
@@ -172,23 +118,19 @@ mod tests {
     fn an_open_intake_never_holds_back() {
         assert_eq!(hold(Intake::Open, &Ours::default()), None);
         let busy = Ours {
-            backlog: 3,
+            awaiting_acks: 3,
             ..Ours::default()
         };
         assert_eq!(hold(Intake::Open, &busy), None);
     }
 
     #[test]
-    fn a_saturated_intake_holds_back_only_while_nothing_of_ours_waits() {
+    fn a_saturated_intake_holds_back_only_while_nothing_of_ours_needs_a_poll() {
         assert_eq!(
             hold(Intake::Saturated, &Ours::default()),
             Some(Hold::Saturated)
         );
-        let each: [Ours; 6] = [
-            Ours {
-                queued_in_client: 1,
-                ..Ours::default()
-            },
+        let polled: [Ours; 3] = [
             Ours {
                 awaiting_acks: 1,
                 ..Ours::default()
@@ -201,6 +143,20 @@ mod tests {
                 resending: 1,
                 ..Ours::default()
             },
+        ];
+        for ours in polled {
+            assert!(ours.needs_poll());
+            assert_eq!(hold(Intake::Saturated, &ours), None, "{ours:?}");
+        }
+    }
+
+    #[test]
+    fn what_waits_to_be_written_does_not_end_a_hold_the_event_loop_writes_it_anyway() {
+        let written: [Ours; 3] = [
+            Ours {
+                queued: 1,
+                ..Ours::default()
+            },
             Ours {
                 unsent_acks: 1,
                 ..Ours::default()
@@ -210,15 +166,30 @@ mod tests {
                 ..Ours::default()
             },
         ];
-        for ours in each {
-            assert!(ours.waiting());
-            assert_eq!(hold(Intake::Saturated, &ours), None, "{ours:?}");
+        for ours in written {
+            assert!(ours.to_write() && !ours.needs_poll());
+            assert_eq!(
+                hold(Intake::Saturated, &ours),
+                Some(Hold::Saturated),
+                "{ours:?}"
+            );
         }
     }
 
     #[test]
-    fn the_hard_limit_holds_back_even_with_our_traffic_waiting() {
+    fn only_a_packet_read_after_the_ping_excuses_a_missing_pingresp() {
+        let ping = Instant::now();
+        let before = ping - std::time::Duration::from_millis(5);
+        let after = ping + std::time::Duration::from_millis(5);
+        assert!(!alive_since_ping(before, ping), "nothing since the ping");
+        assert!(!alive_since_ping(ping, ping));
+        assert!(alive_since_ping(after, ping));
+    }
+
+    #[test]
+    fn the_hard_limit_holds_back_even_while_we_await_acknowledgements() {
         let results_waiting = Ours {
+            queued: 10,
             awaiting_acks: 100,
             awaiting_pingresp: true,
             backlog: 500,
@@ -226,41 +197,5 @@ mod tests {
             ..Ours::default()
         };
         assert_eq!(hold(Intake::Full, &results_waiting), Some(Hold::HardLimit));
-    }
-
-    #[test]
-    fn the_gauge_counts_what_rumqttc_has_not_taken_and_never_goes_below_zero() {
-        let g = OutgoingGauge::default();
-        g.handed();
-        g.handed();
-        assert_eq!(g.queued(), 2);
-        g.taken();
-        assert_eq!(g.queued(), 1);
-        g.taken();
-        g.taken(); // one sent around the gauge
-        assert_eq!(g.queued(), 0);
-        g.handed();
-        assert_eq!(g.queued(), 1, "a later request is still seen");
-        g.connection_lost();
-        assert_eq!(g.queued(), 0);
-    }
-
-    #[tokio::test]
-    async fn a_handoff_or_a_growing_backlog_wakes_the_event_loop() {
-        let g = std::sync::Arc::new(OutgoingGauge::default());
-        g.handed();
-        // The wake-up was kept for the next wait.
-        tokio::time::timeout(std::time::Duration::from_secs(1), g.woken())
-            .await
-            .expect("woken by the handoff");
-        let g2 = g.clone();
-        let waiter = tokio::spawn(async move { g2.woken().await });
-        tokio::task::yield_now().await;
-        g.set_backlog(4);
-        tokio::time::timeout(std::time::Duration::from_secs(1), waiter)
-            .await
-            .expect("woken by the backlog")
-            .unwrap();
-        assert_eq!(g.backlog(), 4);
     }
 }

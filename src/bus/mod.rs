@@ -2,14 +2,15 @@
 //! retained Status and its Last Will, and publishing with an outbox that
 //! survives disconnections.
 //!
-//! Two tasks: the event loop (polled whenever anything of ours is on the
-//! connection; reconnects with capped exponential backoff; routes incoming
-//! messages; reads less while the pipeline is full, see [`flow`]) and the
-//! publisher (hands outgoing messages to rumqttc without ever waiting on
-//! it, keeps what rumqttc cannot take yet in a backlog and, while
-//! disconnected, in a bounded outbox; acknowledges each request after its
-//! answer). The payload types are in [`crate::protocol`]; what happens to a
-//! request is the pipeline's business.
+//! Two tasks: the event loop (writes our outgoing requests from the
+//! [`Outbox`] to the socket itself, then polls rumqttc; reconnects with
+//! capped exponential backoff; routes incoming messages; reads less while
+//! the pipeline is full, see [`flow`]) and the publisher (places outgoing
+//! messages on their topics and hands them to the outbox without ever
+//! waiting on it, keeps what the outbox cannot take yet in a backlog,
+//! bounded while disconnected; acknowledges each request after its answer).
+//! The payload types are in [`crate::protocol`]; what happens to a request
+//! is the pipeline's business.
 
 pub mod acks;
 pub mod client;
@@ -36,7 +37,7 @@ use crate::metrics::Metrics;
 use crate::protocol::{self, AgentState, ModelRef, RefDbState, Status, StatusPeek, Will};
 use crate::refdb::RefDb;
 pub use acks::AckSequencer;
-pub use client::BusClient;
+pub use client::{BusClient, Outbox};
 pub use connection::{ConnectionAction, ConnectionEvent, ConnectionState, HEALTHY_CONNECTION};
 pub use flow::Intake;
 use message::fits_packet;
@@ -183,6 +184,14 @@ pub const MQTT_MAX_PACKET: usize = 268_435_455;
 /// QoS 1 publishes of ours (results, reports, Status) awaiting PUBACK.
 pub const OWN_INFLIGHT: u16 = 4096;
 
+/// Most requests the event loop writes from the outbox before it polls
+/// again, so that reading goes on between batches.
+const WRITE_BATCH: usize = 256;
+
+/// Requests the outbox takes before the publisher keeps the rest in its
+/// backlog (about four batches).
+pub const OUTBOX_CAPACITY: usize = 1024;
+
 /// MQTT options from the config for a session named `client_id`:
 /// persistent session, manual acknowledgements, packet limits,
 /// credentials, TLS.
@@ -308,6 +317,9 @@ impl EventLoopTask {
         // falls due a keep-alive later, and the event loop must not hold
         // back while one is due or unanswered.
         let mut last_ping = Instant::now();
+        // When a packet last came in: any packet after our PINGREQ shows
+        // the connection alive (see `flow::alive_since_ping`).
+        let mut last_read = Instant::now();
         let mut polls = 0u32;
         loop {
             // With data always ready (a flood), rumqttc's poll may not yield
@@ -317,19 +329,41 @@ impl EventLoopTask {
             if polls % 32 == 0 {
                 tokio::task::yield_now().await;
             }
-            if !*self.stopping.borrow() {
-                self.hold_back(keep_alive, last_ping).await;
+            let state = &mut self.eventloop.state;
+            if state.await_pingresp && flow::alive_since_ping(last_read, last_ping) {
+                state.await_pingresp = false;
             }
-            // rumqttc sends its re-send list before its request queue; a
-            // request taken from that list was never counted as ours.
-            let resending = self.eventloop.pending.len();
-            let event = self.eventloop.poll().await;
-            if let Ok(Event::Outgoing(o)) = &event {
-                if matches!(o, Outgoing::PingReq) {
-                    last_ping = Instant::now();
-                } else if counts_as_taken(o) && self.eventloop.pending.len() >= resending {
-                    self.client.gauge().taken();
+            let mut written = self.write_ours().await;
+            if written.is_ok() && !*self.stopping.borrow() {
+                written = self.hold_back(keep_alive, last_ping).await;
+            }
+            let event = match written {
+                Ok(()) if self.eventloop.network.is_some() => {
+                    // rumqttc's poll waits for the socket (or a ping due);
+                    // what the publisher queues meanwhile must not wait for
+                    // the next incoming packet. Leaving a poll unfinished
+                    // is safe here: it waits only in reading (a packet is
+                    // taken whole or not at all) and in flushing (the
+                    // buffer keeps what is not written yet). With manual
+                    // acknowledgements it writes only a ping, or a publish
+                    // held back by a packet-id collision, into the buffer
+                    // that `write_ours` has just flushed, which takes them
+                    // without waiting.
+                    let outbox = self.client.outbox().clone();
+                    tokio::select! {
+                        biased;
+                        event = self.eventloop.poll() => event,
+                        _ = outbox.woken() => continue,
+                    }
                 }
+                // Connecting: never interrupted.
+                Ok(()) => self.eventloop.poll().await,
+                Err(e) => Err(e),
+            };
+            match &event {
+                Ok(Event::Outgoing(Outgoing::PingReq)) => last_ping = Instant::now(),
+                Ok(Event::Incoming(_)) => last_read = Instant::now(),
+                _ => {}
             }
             let busy = beat.busy();
             match event {
@@ -422,7 +456,7 @@ impl EventLoopTask {
                         }
                     }
                     self.acks.reset();
-                    self.client.gauge().connection_lost();
+                    self.client.outbox().connection_lost();
                     if *self.stopping.borrow() {
                         debug!("connection closed during shutdown: {e}");
                         break;
@@ -468,38 +502,106 @@ impl EventLoopTask {
     fn ours(&self, ping_due: bool) -> flow::Ours {
         let state = &self.eventloop.state;
         flow::Ours {
-            queued_in_client: self.client.gauge().queued(),
+            queued: self.client.outbox().len(),
             awaiting_acks: state.inflight(),
             awaiting_pingresp: state.await_pingresp || ping_due,
             resending: self.eventloop.pending.len(),
             unsent_acks: self.acks.unsent(),
-            backlog: self.client.gauge().backlog(),
+            backlog: self.client.outbox().backlog(),
         }
+    }
+
+    /// Writes what waits in the outbox (see [`client`]) to the socket
+    /// through rumqttc's state, which numbers our QoS 1 publishes, keeps
+    /// them for re-sending and enforces the in-flight window, then flushes.
+    /// At most [`WRITE_BATCH`] requests, so that reading goes on between
+    /// batches. Leaves nothing to write while rumqttc still re-sends an
+    /// earlier connection's publishes (those go first, from `poll`). A
+    /// failure ends the connection as a failed `poll` would.
+    async fn write_ours(&mut self) -> Result<(), ConnectionError> {
+        let el = &mut self.eventloop;
+        if !el.pending.is_empty() {
+            return Ok(());
+        }
+        let max_inflight = el.mqtt_options.inflight();
+        let flush_timeout = Duration::from_secs(el.network_options().connection_timeout());
+        let outbox = self.client.outbox();
+        let Some(network) = el.network.as_mut() else {
+            return Ok(());
+        };
+        let state = &mut el.state;
+        let events_before = state.events.len();
+        let mut written = 0;
+        let result: Result<(), ConnectionError> = loop {
+            if written >= WRITE_BATCH {
+                break Ok(());
+            }
+            let window_open = state.collision.is_none() && state.inflight() < max_inflight;
+            let Some(request) = outbox.pop(window_open) else {
+                break Ok(());
+            };
+            match state.handle_outgoing_packet(request) {
+                Ok(Some(packet)) => {
+                    if let Err(e) = network.write(packet).await {
+                        break Err(e.into());
+                    }
+                }
+                Ok(None) => {}
+                Err(e) => break Err(e.into()),
+            }
+            written += 1;
+        };
+        let result = match result {
+            Ok(()) if written > 0 => {
+                match tokio::time::timeout(flush_timeout, network.flush()).await {
+                    Ok(flushed) => flushed.map_err(ConnectionError::from),
+                    Err(_) => Err(ConnectionError::FlushTimeout),
+                }
+            }
+            other => other,
+        };
+        // rumqttc recorded an Outgoing event for each request; nothing reads
+        // them, and left there they would pile up faster than `poll`
+        // returns them (it returns one per call).
+        state.events.truncate(events_before);
+        if result.is_err() {
+            el.clean();
+        }
+        result
     }
 
     /// Flow control (see [`flow`]): while the pipeline is full of held QoS 1
     /// requests, stop reading from the broker, which keeps the rest queued
-    /// for us (TCP pushes back), but only as long as [`flow::hold`] allows.
-    /// Ends the moment something of ours is handed to rumqttc or waits, the
-    /// pipeline has room, or after half the keep-alive.
-    async fn hold_back(&mut self, keep_alive: Duration, last_ping: Instant) {
+    /// for us (TCP pushes back), but only as long as [`flow::hold`] allows,
+    /// writing our own traffic all the while. Ends the moment something of
+    /// ours needs a poll, the pipeline has room, or after half the
+    /// keep-alive; a failed write ends it with the connection's error.
+    async fn hold_back(
+        &mut self,
+        keep_alive: Duration,
+        last_ping: Instant,
+    ) -> Result<(), ConnectionError> {
         let started = Instant::now();
         let limit = keep_alive / 2;
         let mut stopping = self.stopping.clone();
         let mut held = None;
-        loop {
+        let result = loop {
             let ping_due = last_ping.elapsed() >= keep_alive;
             let why = flow::hold(self.requests.intake(), &self.ours(ping_due));
             if why.is_none() || started.elapsed() >= limit || *stopping.borrow() {
-                break;
+                break Ok(());
             }
             held = why;
+            let outbox = self.client.outbox().clone();
             tokio::select! {
-                _ = self.client.gauge().woken() => {}
+                _ = outbox.woken() => {}
                 _ = tokio::time::sleep(Duration::from_millis(2)) => {}
                 _ = stopping.changed() => {}
             }
-        }
+            if let Err(e) = self.write_ours().await {
+                break Err(e);
+            }
+        };
         if let Some(why) = held {
             let waited = started.elapsed();
             self.metrics.add_read_hold(waited);
@@ -515,6 +617,7 @@ impl EventLoopTask {
                 );
             }
         }
+        result
     }
 
     fn publish_status(&self) {
@@ -606,18 +709,6 @@ impl EventLoopTask {
 /// Whether rumqttc emits `o` when it takes one of our requests from its
 /// queue (a collision's AwaitAck is not: the publish goes out later, as an
 /// Outgoing::Publish of its own).
-fn counts_as_taken(o: &Outgoing) -> bool {
-    matches!(
-        o,
-        Outgoing::Publish(_)
-            | Outgoing::PubAck(_)
-            | Outgoing::PubRec(_)
-            | Outgoing::Subscribe(_)
-            | Outgoing::Unsubscribe(_)
-            | Outgoing::Disconnect
-    )
-}
-
 fn log_connection_error(e: &ConnectionError, backoff: Duration) {
     warn!(
         retry_in_ms = backoff.as_millis() as u64,
@@ -737,7 +828,7 @@ impl PublisherTask {
                 self.hand_over(&mut backlog);
             }
             self.acks.retry(|t| self.client.try_ack(t));
-            self.client.gauge().set_backlog(backlog.messages.len());
+            self.client.outbox().set_backlog(backlog.messages.len());
             dropped_log.flush();
             oversized_log.flush();
             while backlog
