@@ -5,5 +5,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo fmt --all -- --check
-cargo clippy --all-targets --quiet --features fault-injection -- -D warnings
+cargo clippy --workspace --all-targets --quiet --features retail-agent/fault-injection -- -D warnings
 cargo clippy --all-targets --quiet --no-default-features -- -D warnings

@@ -30,6 +30,8 @@ ensure_mosquitto
 cargo fmt --all -- --check
 # fault-injection: the supervision tests wedge and crash parts of the agent
 # (src/fault.rs); release builds and packages never have it.
+# The workspace's other members: the contract and the tests' own helpers.
+cargo test -p retail-contract -p retail-testkit
 if [ "$TIER" = fast ]; then
     cargo test --features fault-injection --lib --bins \
         --test config_cli --test daemon_inprocess --test daemon_mosquitto \

@@ -113,7 +113,7 @@ impl Agent {
             labels = meta.labels,
             "agent starting"
         );
-        let topics = Topics::new(c);
+        let topics = bus::topics::for_agent(c);
         let metrics = Arc::new(Metrics::default());
         let health = Health::new(c.supervision.stall_timeout());
         let (out_tx, out_rx) = mpsc::channel::<ToBus>(1024);

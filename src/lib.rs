@@ -7,10 +7,12 @@
 //! (index, search) → `bus` (results), with `config`, `manifest`, `metrics`
 //! and `cli` around it.
 
+// The contract's modules, at the paths the agent has always used.
+pub use retail_contract::{clock, protocol, secrets, text};
+
 pub mod bench;
 pub mod bus;
 pub mod cli;
-pub mod clock;
 pub mod config;
 pub mod daemon;
 pub mod dataset;
@@ -30,11 +32,8 @@ pub mod open_set;
 pub mod pipeline;
 pub mod preflight;
 pub mod prometheus;
-pub mod protocol;
 pub mod recognizer;
 pub mod refdb;
-pub mod secrets;
 pub mod supervisor;
-pub mod text;
 pub mod vision;
 pub mod watchdog;

@@ -6,10 +6,7 @@ mod common;
 
 use common::AgentHome;
 use retail_agent::refdb::{RefDb, RefDbSettings};
-
-fn stderr(o: &std::process::Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
+use retail_testkit::process::stderr;
 
 /// Runs `check-config` on a home whose config has `top_level` keys and
 /// `sections`; returns (success, stderr).

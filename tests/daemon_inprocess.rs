@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use common::{inprocess_broker, queries, to_json, AgentHome, TestClient};
 use daemon_support::*;
 use retail_agent::daemon::Agent;
+use retail_testkit::crops::image_crop;
 use rmpv::Value as Mp;
 use serde_json::json;
 
@@ -31,10 +32,6 @@ async fn start_agent(device: &str, sections: &str) -> (AgentHome, Agent, u16) {
         "agent did not connect to the in-process broker"
     );
     (home, agent, port)
-}
-
-fn image_crop(bytes: &[u8]) -> Mp {
-    mp_map(vec![("image", Mp::Binary(bytes.to_vec()))])
 }
 
 /// This process's resident memory now, in kB.

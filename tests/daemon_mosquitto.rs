@@ -10,7 +10,7 @@ mod common;
 mod daemon_support;
 
 use std::collections::{HashMap, HashSet};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{
@@ -18,6 +18,7 @@ use common::{
 };
 use daemon_support::*;
 use retail_agent::daemon::Agent;
+use retail_testkit::{crops::image_crop, process::KillOnDrop, topics::topic};
 use rmpv::Value as Mp;
 use serde_json::json;
 
@@ -25,10 +26,6 @@ const FLEET: &str = "store-9";
 
 fn mosquitto(extra: &str) -> Mosquitto {
     Mosquitto::start(extra)
-}
-
-fn topic(device: &str, leaf: &str) -> String {
-    format!("ror/{device}/{leaf}")
 }
 
 /// An enrolled agent home for a broker on `port`. `bus` lines go into the
@@ -39,10 +36,6 @@ fn home(device: &str, port: u16, bus: &str, sections: &str) -> AgentHome {
 
 async fn start(home: &AgentHome) -> Agent {
     start_connected(home).await
-}
-
-fn image_crop(bytes: &[u8]) -> Mp {
-    mp_map(vec![("image", Mp::Binary(bytes.to_vec()))])
 }
 
 /// A MessagePack request with `labels` (indices into `qs`) as crops.
@@ -443,18 +436,6 @@ async fn a_shared_pool_answers_every_request_exactly_once() {
     b.stop().await.expect("clean stop");
 }
 
-/// Kills the child on drop (a failed test leaves no daemon behind).
-struct ChildGuard(Option<Child>);
-
-impl Drop for ChildGuard {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.0.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_stops_the_binary_cleanly_and_leaves_an_offline_status() {
     let qs = one_query_per_label(&queries());
@@ -476,7 +457,7 @@ async fn sigterm_stops_the_binary_cleanly_and_leaves_an_offline_status() {
         .spawn()
         .expect("start retail-agent run");
     let pid = child.id();
-    let mut guard = ChildGuard(Some(child));
+    let mut guard = KillOnDrop::new(child);
     let agent_log = || std::fs::read_to_string(h.path().join("agent.log")).unwrap_or_default();
 
     let p = watch
@@ -518,7 +499,7 @@ async fn sigterm_stops_the_binary_cleanly_and_leaves_an_offline_status() {
     }
 
     common::unsafe_sigterm(pid);
-    let child = guard.0.as_mut().unwrap();
+    let child = &mut *guard;
     let deadline = Instant::now() + Duration::from_secs(20);
     let exit = loop {
         if let Some(s) = child.try_wait().unwrap() {
@@ -536,7 +517,6 @@ async fn sigterm_stops_the_binary_cleanly_and_leaves_an_offline_status() {
         "exit status {exit:?} after SIGTERM; log:\n{}",
         agent_log()
     );
-    guard.0 = None;
 
     let p = watch
         .next_on(&status, Duration::from_secs(10))

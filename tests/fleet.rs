@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use common::{to_json, AgentHome, Mosquitto, TestClient};
 use daemon_support::{model_fingerprint, now_ms};
 use fleet_support::*;
+use retail_testkit::digest::Content;
 use serde_json::Value;
 
 const FLEET: &str = "north";

@@ -19,6 +19,7 @@ use retail_agent::protocol::{
 };
 use retail_agent::refdb::{NewRef, RefDb, RefDbSettings, RefOp};
 use retail_agent::vision::RawFormat;
+use retail_testkit::digest::{embedding_bytes, KIND_EMBEDDING, KIND_IMAGE};
 use serde::{de::DeserializeOwned, Serialize};
 
 const ENCODINGS: [Encoding; 2] = [Encoding::Json, Encoding::Msgpack];
@@ -565,22 +566,17 @@ fn ref_op(ref_id: &str, label: &str, source: &Source) -> RefOp {
     })
 }
 
-/// The contract's digest, written out from its text (PROTOCOL.md, UpdateAck).
+/// The contract's digest of `refs`, from the oracle written out from its
+/// text (PROTOCOL.md, UpdateAck) in `retail_testkit::digest`.
 fn contract_digest(refs: &Refs) -> String {
-    let mut buf = Vec::new();
-    for (id, (label, source)) in refs {
+    let sources = refs.iter().map(|(id, (label, source))| {
         let (kind, bytes) = match source {
-            Source::Image(b) => (1u8, b.clone()),
-            Source::Embedding(v) => (2u8, v.iter().flat_map(|x| x.to_le_bytes()).collect()),
+            Source::Image(b) => (KIND_IMAGE, b.clone()),
+            Source::Embedding(v) => (KIND_EMBEDDING, embedding_bytes(v)),
         };
-        buf.extend_from_slice(&(id.len() as u32).to_le_bytes());
-        buf.extend_from_slice(id.as_bytes());
-        buf.extend_from_slice(&(label.len() as u32).to_le_bytes());
-        buf.extend_from_slice(label.as_bytes());
-        buf.push(kind);
-        buf.extend_from_slice(ring::digest::digest(&ring::digest::SHA256, &bytes).as_ref());
-    }
-    retail_agent::manifest::sha256_hex(&buf)
+        (id.as_str(), label.as_str(), kind, bytes)
+    });
+    retail_testkit::digest::contract_digest(sources)
 }
 
 /// The digest a real DB reports after the references are upserted in

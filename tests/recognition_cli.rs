@@ -5,14 +5,7 @@
 mod common;
 
 use common::{repo_path, AgentHome};
-
-fn stdout(o: &std::process::Output) -> String {
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-fn stderr(o: &std::process::Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
+use retail_testkit::process::{stderr, stdout};
 
 fn synthetic(sub: &str) -> String {
     repo_path(&format!("testdata/synthetic/{sub}"))

@@ -3,6 +3,7 @@
 //! references from another model.
 
 use retail_agent::refdb::{NewRef, RefDb, RefDbError, RefDbSettings, RefOp, SourceKind};
+use retail_testkit::digest::{contract_digest, embedding_bytes};
 
 const FP: &str = "0123456789abcdef";
 
@@ -37,26 +38,6 @@ fn img(ref_id: &str, label: &str, bytes: &[u8], v: &[f32]) -> RefOp {
     ))
 }
 
-/// The contract's digest, written out independently of the crate.
-fn contract_digest(refs: &[(&str, &str, u8, Vec<u8>)]) -> String {
-    let mut sorted: Vec<_> = refs.to_vec();
-    sorted.sort_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
-    let mut buf = Vec::new();
-    for (id, label, kind, source) in sorted {
-        buf.extend_from_slice(&(id.len() as u32).to_le_bytes());
-        buf.extend_from_slice(id.as_bytes());
-        buf.extend_from_slice(&(label.len() as u32).to_le_bytes());
-        buf.extend_from_slice(label.as_bytes());
-        buf.push(kind);
-        buf.extend_from_slice(ring::digest::digest(&ring::digest::SHA256, &source).as_ref());
-    }
-    retail_agent::manifest::sha256_hex(&buf)
-}
-
-fn le(v: &[f32]) -> Vec<u8> {
-    v.iter().flat_map(|x| x.to_le_bytes()).collect()
-}
-
 #[test]
 fn ops_apply_in_order_and_the_digest_follows_the_contract() {
     let dir = tempfile::tempdir().unwrap();
@@ -77,10 +58,10 @@ fn ops_apply_in_order_and_the_digest_follows_the_contract() {
         )
         .unwrap();
     assert_eq!((meta.version, meta.refs, meta.labels), (7, 3, 3));
-    let expected = contract_digest(&[
+    let expected = contract_digest([
         ("a", "apple", 1, b"apple-jpeg".to_vec()),
-        ("b", "banana", 2, le(&[0.0, 1.0, 0.0])),
-        ("c3", "cherry", 2, le(&[0.0, 0.0, 2.0])),
+        ("b", "banana", 2, embedding_bytes(&[0.0, 1.0, 0.0])),
+        ("c3", "cherry", 2, embedding_bytes(&[0.0, 0.0, 2.0])),
     ]);
     assert_eq!(meta.digest, expected);
     assert!(db.was_applied("u-1").unwrap());

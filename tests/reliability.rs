@@ -13,11 +13,8 @@ use std::time::{Duration, Instant};
 use common::{queries, to_json, AgentHome, Mosquitto, TestClient};
 use daemon_support::*;
 use retail_agent::daemon::Agent;
+use retail_testkit::{crops::image_crop, process::KillOnDrop, topics::topic};
 use rmpv::Value as Mp;
-
-fn topic(device: &str, leaf: &str) -> String {
-    format!("ror/{device}/{leaf}")
-}
 
 /// A device's topics, written out from the contract.
 struct DevTopics {
@@ -52,10 +49,6 @@ fn request(id: &str, crops: Vec<Mp>, extra: Vec<(&str, Mp)>) -> Vec<u8> {
     let mut pairs = vec![("request_id", Mp::from(id)), ("crops", Mp::Array(crops))];
     pairs.extend(extra);
     mp_encode(&mp_map(pairs))
-}
-
-fn image(bytes: &[u8]) -> Mp {
-    mp_map(vec![("image", Mp::Binary(bytes.to_vec()))])
 }
 
 /// Everything a client sees within `window`: (topic, payload as JSON).
@@ -122,7 +115,7 @@ async fn publish_range(c: &TestClient, crops: &str, prefix: &str, range: std::op
     for i in range {
         let r = request(
             &format!("{prefix}-{i:02}"),
-            vec![image(&qs[i % LABELS].1)],
+            vec![image_crop(&qs[i % LABELS].1)],
             vec![],
         );
         c.client
@@ -181,12 +174,16 @@ async fn an_oversized_request_is_consumed_and_reported_once_not_redelivered_fore
     // 17 MB, over the agent's 16 MiB and under the broker's 20 MB limit.
     let big = request(
         "big-1",
-        vec![image(&qs[0].1)],
+        vec![image_crop(&qs[0].1)],
         vec![("frame", Mp::Binary(vec![0xab; 17_000_000]))],
     );
     c.publish(&crops, 1, big).await;
-    c.publish(&crops, 1, request("after-1", vec![image(&qs[1].1)], vec![]))
-        .await;
+    c.publish(
+        &crops,
+        1,
+        request("after-1", vec![image_crop(&qs[1].1)], vec![]),
+    )
+    .await;
     let mut seen = Vec::new();
     let report = answer_for(&mut c, &errors, "big-1", Duration::from_secs(20), &mut seen).await;
     let reason = check_error_report(&report, Some("big-1"));
@@ -219,8 +216,12 @@ async fn an_oversized_request_is_consumed_and_reported_once_not_redelivered_fore
     // It was acknowledged: a restarted agent does not get it again.
     agent.stop().await.expect("clean stop");
     let agent = start(&h).await;
-    c.publish(&crops, 1, request("after-2", vec![image(&qs[2].1)], vec![]))
-        .await;
+    c.publish(
+        &crops,
+        1,
+        request("after-2", vec![image_crop(&qs[2].1)], vec![]),
+    )
+    .await;
     let mut seen = Vec::new();
     answer_for(
         &mut c,
@@ -257,12 +258,16 @@ async fn a_broker_message_size_limit_drops_oversized_requests_and_the_agent_keep
         TestClient::connect(broker.port, "big-lim-client", &[&results, &errors, &status]).await;
     let big = request(
         "big-2",
-        vec![image(&qs[0].1)],
+        vec![image_crop(&qs[0].1)],
         vec![("frame", Mp::Binary(vec![1; 2_000_000]))],
     );
     c.publish(&crops, 1, big).await;
-    c.publish(&crops, 1, request("after-3", vec![image(&qs[3].1)], vec![]))
-        .await;
+    c.publish(
+        &crops,
+        1,
+        request("after-3", vec![image_crop(&qs[3].1)], vec![]),
+    )
+    .await;
     let mut seen = Vec::new();
     let v = answer_for(
         &mut c,
@@ -344,8 +349,12 @@ async fn answers_never_exceed_the_packet_limit_and_never_loop_the_connection() {
         ),
     )
     .await;
-    c.publish(&crops, 1, request("after-4", vec![image(&qs[4].1)], vec![]))
-        .await;
+    c.publish(
+        &crops,
+        1,
+        request("after-4", vec![image_crop(&qs[4].1)], vec![]),
+    )
+    .await;
 
     let mut seen = Vec::new();
     let r = answer_for(
@@ -415,7 +424,7 @@ async fn a_qos1_burst_over_the_queue_is_held_back_at_the_broker_and_fully_answer
         c.publish(
             &crops,
             1,
-            request(id, vec![image(&qs[i % LABELS].1)], vec![]),
+            request(id, vec![image_crop(&qs[i % LABELS].1)], vec![]),
         )
         .await;
     }
@@ -453,7 +462,7 @@ async fn a_qos0_flood_gets_every_request_answered_or_reported_and_full_speed_aft
         c.publish(
             &crops,
             1,
-            request(id, vec![image(&qs[i % LABELS].1)], vec![]),
+            request(id, vec![image_crop(&qs[i % LABELS].1)], vec![]),
         )
         .await;
     }
@@ -467,7 +476,11 @@ async fn a_qos0_flood_gets_every_request_answered_or_reported_and_full_speed_aft
         c.publish(
             &crops,
             0,
-            request(&format!("f-{i:05}"), vec![image(&qs[i % LABELS].1)], vec![]),
+            request(
+                &format!("f-{i:05}"),
+                vec![image_crop(&qs[i % LABELS].1)],
+                vec![],
+            ),
         )
         .await;
     }
@@ -527,7 +540,7 @@ async fn a_qos0_flood_gets_every_request_answered_or_reported_and_full_speed_aft
         c.publish(
             &crops,
             1,
-            request(id, vec![image(&qs[i % LABELS].1)], vec![]),
+            request(id, vec![image_crop(&qs[i % LABELS].1)], vec![]),
         )
         .await;
     }
@@ -598,7 +611,7 @@ async fn a_flood_of_large_requests_keeps_memory_within_the_queue_byte_bound() {
     )
     .await;
     let log = std::fs::File::create(h.path().join("agent.log")).unwrap();
-    let agent = Killed(
+    let agent = KillOnDrop::new(
         std::process::Command::new(env!("CARGO_BIN_EXE_retail-agent"))
             .args(["run", "-c"])
             .arg(&h.config_path)
@@ -608,7 +621,7 @@ async fn a_flood_of_large_requests_keeps_memory_within_the_queue_byte_bound() {
             .spawn()
             .unwrap(),
     );
-    let pid = agent.0.id();
+    let pid = agent.id();
     let online = Instant::now() + Duration::from_secs(30);
     loop {
         let left = online.saturating_duration_since(Instant::now());
@@ -705,16 +718,6 @@ async fn a_flood_of_large_requests_keeps_memory_within_the_queue_byte_bound() {
     drop(agent);
 }
 
-/// Kills the child process when dropped.
-struct Killed(std::process::Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 #[test]
 fn two_agents_with_one_device_id_say_so_and_back_off_instead_of_fighting() {
     let broker = Mosquitto::start("");
@@ -728,11 +731,11 @@ fn two_agents_with_one_device_id_say_so_and_back_off_instead_of_fighting() {
             )
         })
         .collect();
-    let agents: Vec<Killed> = homes
+    let agents: Vec<KillOnDrop> = homes
         .iter()
         .map(|h| {
             let log = std::fs::File::create(h.path().join("agent.log")).unwrap();
-            Killed(
+            KillOnDrop::new(
                 std::process::Command::new(env!("CARGO_BIN_EXE_retail-agent"))
                     .args(["run", "-c"])
                     .arg(&h.config_path)
@@ -866,7 +869,7 @@ async fn a_network_partition_publishes_the_will_and_every_qos1_request_is_answer
     let mut c =
         TestClient::connect_persistent(broker.port, "cut-off-checkout", &[&results, &status]).await;
     let log = std::fs::File::create(h.path().join("agent.log")).unwrap();
-    let _agent = Killed(
+    let _agent = KillOnDrop::new(
         std::process::Command::new("ip")
             .args(["netns", "exec", &net.name])
             .arg(env!("CARGO_BIN_EXE_retail-agent"))
@@ -1002,10 +1005,10 @@ fn unlimited_window_broker() -> Mosquitto {
 
 /// The agent of `h` as a process of its own, logging at INFO into
 /// `agent.log` in its home; returns once its Status says online.
-async fn spawn_logged_agent(h: &AgentHome, c: &mut TestClient) -> (Killed, std::path::PathBuf) {
+async fn spawn_logged_agent(h: &AgentHome, c: &mut TestClient) -> (KillOnDrop, std::path::PathBuf) {
     let log_path = h.path().join("agent.log");
     let log = std::fs::File::create(&log_path).unwrap();
-    let agent = Killed(
+    let agent = KillOnDrop::new(
         std::process::Command::new(env!("CARGO_BIN_EXE_retail-agent"))
             .args(["run", "-c"])
             .arg(&h.config_path)
@@ -1099,8 +1102,8 @@ async fn qos1_burst(
     let mut ids = Vec::with_capacity(n);
     for i in 0..n {
         let id = format!("{prefix}-{i:05}");
-        let payload =
-            special(i, &id).unwrap_or_else(|| request(&id, vec![image(&qs[i % LABELS].1)], vec![]));
+        let payload = special(i, &id)
+            .unwrap_or_else(|| request(&id, vec![image_crop(&qs[i % LABELS].1)], vec![]));
         c.client
             .publish(crops, rumqttc::QoS::AtLeastOnce, false, payload)
             .await
@@ -1121,8 +1124,12 @@ async fn answers_promptly_and_never_stalled(
 ) {
     let qs = one_query_per_label(&queries());
     let sent = Instant::now();
-    c.publish(&t.crops, 1, request(probe, vec![image(&qs[0].1)], vec![]))
-        .await;
+    c.publish(
+        &t.crops,
+        1,
+        request(probe, vec![image_crop(&qs[0].1)], vec![]),
+    )
+    .await;
     let (got, _) =
         collect_results(c, &t.results, &t.errors, &[probe], Duration::from_secs(15)).await;
     assert_eq!(got.len(), 1, "{probe} answered within 15 s after the burst");
@@ -1196,7 +1203,11 @@ async fn a_qos0_flood_logs_a_few_summary_lines_and_a_qos1_burst_after_it_is_answ
         c.publish(
             &t.crops,
             0,
-            request(&format!("f-{i:05}"), vec![image(&qs[i % LABELS].1)], vec![]),
+            request(
+                &format!("f-{i:05}"),
+                vec![image_crop(&qs[i % LABELS].1)],
+                vec![],
+            ),
         )
         .await;
     }
@@ -1302,7 +1313,7 @@ async fn oversized_requests_and_answers_mixed_into_a_qos1_burst_are_each_reporte
             // 17 MB: a frame no request of this agent may carry.
             Some(request(
                 id,
-                vec![image(&qs[0].1)],
+                vec![image_crop(&qs[0].1)],
                 vec![("frame", big_frame.clone())],
             ))
         } else if too_many.contains(&i) {

@@ -24,6 +24,7 @@ use common::{queries, repo_path, to_json, AgentHome, Mosquitto, TestClient, Test
 use daemon_support::*;
 use retail_agent::config::TlsConfig;
 use retail_agent::daemon::Agent;
+use retail_testkit::{crops::image_crop, topics::topic};
 use rmpv::Value as Mp;
 
 /// The fleet and devices of the shipped ACL's example blocks.
@@ -32,10 +33,6 @@ const A: &str = "lane-1";
 const B: &str = "lane-2";
 const CHECKOUT: &str = "checkout";
 const OPERATOR: &str = "fleet-operator";
-
-fn topic(device: &str, leaf: &str) -> String {
-    format!("ror/{device}/{leaf}")
-}
 
 fn fleet_topic() -> String {
     format!("ror/fleet/{FLEET}/refdb")
@@ -139,11 +136,17 @@ async fn connects(port: u16, id: &str, tls: Option<Arc<rustls::ClientConfig>>) -
         .unwrap_or(false)
 }
 
-/// Everything `client` receives within `window`: (topic, payload).
+/// Everything `client` receives within `window`, then until nothing more
+/// arrives for 100 ms: (topic, payload).
 async fn drain(client: &mut TestClient, window: Duration) -> Vec<(String, Vec<u8>)> {
     let deadline = Instant::now() + window;
     let mut got = Vec::new();
-    while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+    loop {
+        // After the window, until nothing more comes for 100 ms: with
+        // `Duration::ZERO` this takes what was already delivered.
+        let left = deadline
+            .saturating_duration_since(Instant::now())
+            .max(Duration::from_millis(100));
         match client.next(left).await {
             Some((t, p, _)) => got.push((t, p)),
             None => break,
@@ -176,10 +179,7 @@ fn on_device(got: &[(String, Vec<u8>)], device: &str) -> Vec<String> {
 fn request(id: &str, image: &[u8]) -> Vec<u8> {
     mp_encode(&mp_map(vec![
         ("request_id", Mp::from(id)),
-        (
-            "crops",
-            Mp::Array(vec![mp_map(vec![("image", Mp::Binary(image.to_vec()))])]),
-        ),
+        ("crops", Mp::Array(vec![image_crop(image)])),
     ]))
 }
 

@@ -14,12 +14,13 @@ mod common;
 mod daemon_support;
 
 use std::os::unix::net::UnixDatagram;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::{json_request, queries, to_json, AgentHome, Mosquitto, TestClient};
 use daemon_support::broker_home;
+use retail_testkit::{process::KillOnDrop, topics::topic};
 
 /// Collects what the agent sends to its notification socket, with arrival times.
 struct FakeSystemd {
@@ -100,9 +101,10 @@ impl FakeSystemd {
     }
 }
 
-/// The agent binary under a fake systemd with a 1 s watchdog.
+/// The agent binary under a fake systemd with a 1 s watchdog; killed on
+/// drop.
 struct Agent {
-    child: Child,
+    child: KillOnDrop,
 }
 
 impl Agent {
@@ -119,7 +121,9 @@ impl Agent {
             .stderr(log)
             .spawn()
             .unwrap();
-        Self { child }
+        Self {
+            child: KillOnDrop::new(child),
+        }
     }
 
     /// The exit status, if the process ends within `timeout`.
@@ -135,19 +139,8 @@ impl Agent {
     }
 }
 
-impl Drop for Agent {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 fn log(home: &AgentHome) -> String {
     std::fs::read_to_string(home.path().join("agent.log")).unwrap_or_default()
-}
-
-fn topic(device: &str, leaf: &str) -> String {
-    format!("ror/{device}/{leaf}")
 }
 
 /// A home whose parts count as wedged after 1 s.

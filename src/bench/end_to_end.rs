@@ -24,7 +24,6 @@ use super::agent_process::{AgentProcess, Mosquitto};
 use super::load_client::{LatencyFigures, LoadClient, Saturation};
 use super::pipeline::{in_flight, CROPS_PER_REQUEST};
 use super::{BenchError, BenchSetup, Resident};
-use crate::bus::Topics;
 use crate::config::{AgentConfig, BusConfig, LoadedConfig, PipelineConfig};
 
 /// Longest wait for the agent to say "online" (model and DB loading).
@@ -171,7 +170,7 @@ impl AgentUnderTest {
             .open(&config_path)
             .and_then(|mut f| f.write_all(text.as_bytes()))
             .map_err(BenchError::io(format!("writing {}", config_path.display())))?;
-        let topics = Topics::new(&config);
+        let topics = crate::bus::topics::for_agent(&config);
         let mut client = LoadClient::connect(
             &broker.client_config(setup),
             &topics,

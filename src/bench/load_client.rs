@@ -44,6 +44,11 @@ enum ClientEvent {
     Online {
         at: Instant,
     },
+    /// The agent's Metrics: requests it finished in one interval.
+    Metrics {
+        at: Instant,
+        requests: u64,
+    },
     /// An aggregate ErrorReport: this many requests dropped without a
     /// report of their own.
     DroppedUnnamed {
@@ -109,6 +114,12 @@ fn read_message(topics: &Topics, topic: &str, payload: &[u8], at: Instant) -> Op
     } else if topic == topics.status {
         let s: StatusPeek = decode(payload)?;
         (s.state == AgentState::Online).then_some(ClientEvent::Online { at })
+    } else if topic == topics.metrics {
+        let m: protocol::Metrics = decode(payload)?;
+        Some(ClientEvent::Metrics {
+            at,
+            requests: m.requests,
+        })
     } else {
         None
     }
@@ -129,6 +140,10 @@ pub struct SoakTally {
     pub reported_qos1: u64,
     /// Requests counted in the agent's aggregate drop reports.
     pub dropped_unnamed: u64,
+    /// Requests the agent finished within the sending window, by its own
+    /// Metrics (what it had the CPU for, next to the load client and the
+    /// broker on the same machine).
+    pub processed_in_window: u64,
     /// QoS 1 requests neither answered nor reported by the end.
     pub unanswered_qos1: u64,
     /// Requests neither answered, reported, nor counted in an aggregate.
@@ -228,6 +243,7 @@ impl LoadClient {
             topics.results.clone(),
             topics.errors.clone(),
             topics.status.clone(),
+            topics.metrics.clone(),
         ];
         let (thread_topics, thread_client, thread_stopping) =
             (topics.clone(), client.clone(), stopping.clone());
@@ -389,6 +405,11 @@ impl LoadClient {
                     }
                 }
                 Some(ClientEvent::DroppedUnnamed { count }) => t.dropped_unnamed += count,
+                Some(ClientEvent::Metrics { at, requests }) => {
+                    if at <= until {
+                        t.processed_in_window += requests;
+                    }
+                }
                 Some(ClientEvent::Online { .. }) | None => {}
             }
         }
@@ -516,7 +537,11 @@ impl LoadClient {
                         pending.insert(id, sent);
                     }
                 }
-                Some(ClientEvent::Online { .. } | ClientEvent::DroppedUnnamed { .. }) => {}
+                Some(
+                    ClientEvent::Online { .. }
+                    | ClientEvent::DroppedUnnamed { .. }
+                    | ClientEvent::Metrics { .. },
+                ) => {}
                 None => {
                     alive()?;
                     if last_answer.elapsed() > ANSWER_TIMEOUT {
@@ -625,7 +650,11 @@ impl LoadClient {
                         }
                     }
                 }
-                Some(ClientEvent::Online { .. } | ClientEvent::DroppedUnnamed { .. }) => {}
+                Some(
+                    ClientEvent::Online { .. }
+                    | ClientEvent::DroppedUnnamed { .. }
+                    | ClientEvent::Metrics { .. },
+                ) => {}
                 None if next >= until => {
                     alive()?;
                     if last_answer.elapsed() > ANSWER_TIMEOUT {

@@ -381,21 +381,23 @@ pub(crate) fn micros_per_run(runs: usize, elapsed: Duration) -> f64 {
     elapsed.as_secs_f64() * 1e6 / runs.max(1) as f64
 }
 
-/// Runs the chosen sections (and the sweep) and checks the targets against
-/// what was measured. `progress` hears what is being measured.
-/// The soak alone (see [`soak`]): `minutes` at each offered load.
+/// The soak alone (see [`soak`]): `minutes` at each offered load
+/// (multiples of the sustainable rate).
 pub fn run_soak(
     cfg: LoadedConfig,
     options: &BenchOptions,
     minutes: f64,
+    loads: &[f64],
     progress: &dyn Fn(&str),
 ) -> Result<soak::SoakFigures, BenchError> {
     progress("loading the model and making the inputs");
     let setup = BenchSetup::new(cfg, options)?;
     let broker = end_to_end::Broker::start(&setup, progress)?;
-    soak::measure(&setup, &broker, minutes, progress)
+    soak::measure(&setup, &broker, minutes, loads, progress)
 }
 
+/// Runs the chosen sections (and the sweep) and checks the targets against
+/// what was measured. `progress` hears what is being measured.
 pub fn run(
     cfg: LoadedConfig,
     options: &BenchOptions,

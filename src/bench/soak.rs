@@ -31,6 +31,9 @@ pub struct SoakRun {
     pub tally: SoakTally,
     /// Results per second within the sending window.
     pub answered_per_s: f64,
+    /// Requests per second the agent finished within the window (its
+    /// Metrics): its throughput under this load on this machine.
+    pub processed_per_s: f64,
     /// Resident memory (MiB) at minute 2, at the end, and the most seen.
     pub rss_mib_at_2_min: f64,
     pub rss_mib_at_end: f64,
@@ -46,8 +49,9 @@ pub struct SoakFigures {
     pub runs: Vec<SoakRun>,
 }
 
-/// Offered loads, as multiples of the sustainable rate.
-const LOADS: [f64; 2] = [2.0, 0.8];
+/// The offered loads the issue asks for, as multiples of the sustainable
+/// rate (`--soak-loads` chooses others).
+pub const LOADS: [f64; 2] = [2.0, 0.8];
 /// How long a run waits after its window for the last answers.
 const DRAIN: Duration = Duration::from_secs(120);
 
@@ -55,6 +59,7 @@ pub fn measure(
     setup: &BenchSetup,
     broker: &Broker,
     minutes: f64,
+    loads: &[f64],
     progress: &dyn Fn(&str),
 ) -> Result<SoakFigures, BenchError> {
     let pipeline = &setup.cfg.config.pipeline;
@@ -67,7 +72,7 @@ pub fn measure(
         .requests_per_s;
     agent.stop()?;
     let mut runs = Vec::new();
-    for (i, load) in LOADS.into_iter().enumerate() {
+    for (i, &load) in loads.iter().enumerate() {
         let name = format!("soak-{i}");
         let state = setup.state_dir(&name)?;
         setup.enrol_demo_references(&state)?.0.flush()?;
@@ -91,6 +96,7 @@ pub fn measure(
             offered_per_s: rate,
             minutes,
             answered_per_s: tally.answered_in_window as f64 / window.as_secs_f64(),
+            processed_per_s: tally.processed_in_window as f64 / window.as_secs_f64(),
             rss_mib_at_2_min: at(120.min(sent_window)).unwrap_or(0.0),
             rss_mib_at_end: at(sent_window).unwrap_or(0.0),
             peak_rss_mib: peak,
@@ -126,6 +132,13 @@ impl SoakFigures {
                 t.answered,
                 r.answered_per_s,
                 r.answered_per_s / self.sustainable_per_s.max(1e-9)
+            );
+            let _ = writeln!(
+                out,
+                "  the agent's throughput in the window (its Metrics): {:.0} requests/s ({:.2}x the sustainable rate); answered / throughput {:.2}",
+                r.processed_per_s,
+                r.processed_per_s / self.sustainable_per_s.max(1e-9),
+                r.answered_per_s / r.processed_per_s.max(1e-9)
             );
             let _ = writeln!(
                 out,

@@ -24,28 +24,45 @@ use tokio::sync::Notify;
 
 use super::AckToken;
 
-/// Requests the agent wants written on its main session, in order.
+/// Requests the agent wants written on its main session: acknowledgements
+/// and subscriptions in their order, publishes in theirs. Acknowledgements
+/// never wait behind publishes held back by the in-flight window: the
+/// broker's window for our deliveries must keep moving while ours is full.
+/// (An answer is already ours to send when its request is acknowledged:
+/// it stays queued across reconnections.)
 #[derive(Debug)]
 pub struct Outbox {
-    queue: Mutex<VecDeque<Request>>,
+    queue: Mutex<Queues>,
     capacity: usize,
     /// The publisher's backlog (messages the full outbox refused).
     backlog: AtomicUsize,
     wake: Notify,
 }
 
+#[derive(Debug, Default)]
+struct Queues {
+    control: VecDeque<Request>,
+    publishes: VecDeque<Request>,
+}
+
+impl Queues {
+    fn len(&self) -> usize {
+        self.control.len() + self.publishes.len()
+    }
+}
+
 impl Outbox {
     /// An outbox taking up to `capacity` requests.
     pub fn new(capacity: usize) -> Self {
         Self {
-            queue: Mutex::new(VecDeque::new()),
+            queue: Mutex::new(Queues::default()),
             capacity: capacity.max(1),
             backlog: AtomicUsize::new(0),
             wake: Notify::new(),
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<Request>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Queues> {
         self.queue.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -56,21 +73,27 @@ impl Outbox {
             if q.len() >= self.capacity {
                 return Err(request);
             }
-            q.push_back(request);
+            match request {
+                Request::Publish(_) => q.publishes.push_back(request),
+                _ => q.control.push_back(request),
+            }
         }
         self.wake.notify_one();
         Ok(())
     }
 
-    /// The next request to write, in order. A QoS 1/2 publish at the front
-    /// waits (and everything behind it) while `publish_allowed` is false:
+    /// The next request to write: acknowledgements and subscriptions
+    /// first, then publishes in order. A QoS 1/2 publish at the front waits
+    /// (and every publish behind it) while `publish_allowed` is false:
     /// rumqttc's in-flight window is full or a packet id collided.
     pub fn pop(&self, publish_allowed: bool) -> Option<Request> {
         let mut q = self.lock();
-        match q.front() {
+        if let Some(r) = q.control.pop_front() {
+            return Some(r);
+        }
+        match q.publishes.front() {
             Some(Request::Publish(p)) if p.qos != QoS::AtMostOnce && !publish_allowed => None,
-            Some(_) => q.pop_front(),
-            None => None,
+            _ => q.publishes.pop_front(),
         }
     }
 
@@ -88,7 +111,7 @@ impl Outbox {
     /// connection did not ask for confuses some brokers), and subscriptions
     /// are made again on connecting; publishes stay for the next connection.
     pub fn connection_lost(&self) {
-        self.lock().retain(|r| {
+        self.lock().control.retain(|r| {
             !matches!(
                 r,
                 Request::PubAck(_) | Request::PubRec(_) | Request::Subscribe(_)
@@ -215,16 +238,24 @@ mod tests {
     }
 
     #[test]
-    fn a_qos1_publish_waits_for_the_window_and_keeps_what_follows_in_order() {
+    fn a_qos1_publish_waits_for_the_window_but_acknowledgements_never_wait_behind_it() {
         let o = Outbox::new(8);
         o.push(publish(QoS::AtLeastOnce)).unwrap();
-        o.push(Request::PubAck(PubAck::new(7))).unwrap();
-        assert!(o.pop(false).is_none(), "window full: nothing overtakes");
-        assert!(matches!(o.pop(true), Some(Request::Publish(_))));
-        assert!(matches!(o.pop(false), Some(Request::PubAck(_))));
         o.push(publish(QoS::AtMostOnce)).unwrap();
+        o.push(Request::PubAck(PubAck::new(7))).unwrap();
+        o.push(Request::PubAck(PubAck::new(8))).unwrap();
         assert!(
-            matches!(o.pop(false), Some(Request::Publish(_))),
+            matches!(o.pop(false), Some(Request::PubAck(a)) if a.pkid == 7),
+            "acknowledgements go first, in order"
+        );
+        assert!(matches!(o.pop(false), Some(Request::PubAck(a)) if a.pkid == 8));
+        assert!(
+            o.pop(false).is_none(),
+            "window full: the QoS 0 publish does not overtake the QoS 1 one"
+        );
+        assert!(matches!(o.pop(true), Some(Request::Publish(p)) if p.qos == QoS::AtLeastOnce));
+        assert!(
+            matches!(o.pop(false), Some(Request::Publish(p)) if p.qos == QoS::AtMostOnce),
             "QoS 0 needs no window"
         );
         assert!(o.pop(true).is_none());

@@ -24,13 +24,14 @@
 use std::time::Instant;
 
 /// How far held requests' count may fill the sink past its bound before
-/// [`Intake::Full`] (16,384 with the default queue of 256): high, because
-/// until then the event loop keeps reading its own PUBACKs and PINGRESPs
-/// through whatever an overshooting broker sent first.
-pub const HARD_LIMIT_COUNT_FACTOR: usize = 64;
+/// [`Intake::Full`] (2,048 with the default queue of 256). Held requests
+/// are most of what an overshooting broker costs in memory; stopping to
+/// read at the limit costs only the delay of the PUBACKs for our results,
+/// since our traffic keeps going out and a late PINGRESP is excused.
+pub const HARD_LIMIT_COUNT_FACTOR: usize = 8;
 /// How far held requests' bytes may fill the sink past its byte bound
-/// before [`Intake::Full`] (256 MiB with the defaults).
-pub const HARD_LIMIT_BYTES_FACTOR: usize = 4;
+/// before [`Intake::Full`] (128 MiB with the defaults).
+pub const HARD_LIMIT_BYTES_FACTOR: usize = 2;
 
 /// How full the request sink is of requests whose acknowledgement it holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

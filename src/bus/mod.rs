@@ -181,8 +181,15 @@ pub fn mqtt_options(
 /// size in memory once.
 pub const MQTT_MAX_PACKET: usize = 268_435_455;
 
-/// QoS 1 publishes of ours (results, reports, Status) awaiting PUBACK.
-pub const OWN_INFLIGHT: u16 = 4096;
+/// QoS 1 publishes of ours (results, reports, Status) awaiting PUBACK: at
+/// least our publish rate times how late PUBACKs come. Under an overload
+/// they wait behind everything the broker sent first, read only as the
+/// pipeline drains (several seconds behind an overshooting broker), while
+/// results and the reports of dropped QoS 0 requests go out at about
+/// 1,000/s here; with 4,096 the window stayed full and answers piled up in
+/// the publisher. rumqttc keeps each one until its PUBACK (a few hundred
+/// bytes for a single-crop answer, about 1.3 MB of slots at start).
+pub const OWN_INFLIGHT: u16 = 16384;
 
 /// Most requests the event loop writes from the outbox before it polls
 /// again, so that reading goes on between batches.
@@ -202,10 +209,8 @@ pub fn connection_options(cfg: &LoadedConfig, client_id: String) -> anyhow::Resu
     o.set_clean_session(false);
     o.set_manual_acks(true);
     o.set_max_packet_size(MQTT_MAX_PACKET, bus.max_packet_bytes);
-    // Our own QoS 1 publishes awaiting PUBACK. Under a flood the PUBACKs
-    // arrive behind everything the broker already sent (up to its socket
-    // buffers, often a second of reading): 100 capped the answers at
-    // about 100/s there, and the rest piled up in the publisher.
+    // rumqttc's default of 100 capped the answers at about 100/s under a
+    // flood; see OWN_INFLIGHT.
     o.set_inflight(OWN_INFLIGHT);
     if let Some(user) = &bus.username {
         let password = bus.password.as_ref().map_or("", |p| p.expose());

@@ -35,6 +35,10 @@ pub struct BenchArgs {
     /// memory over time (the figure: 10).
     #[arg(long, value_name = "MINUTES")]
     pub soak: Option<f64>,
+    /// The soak's offered loads, as multiples of the sustainable rate,
+    /// comma-separated.
+    #[arg(long, value_delimiter = ',', requires = "soak", default_values_t = crate::bench::soak::LOADS)]
+    pub soak_loads: Vec<f64>,
     /// Sections to run, comma-separated (default: all).
     #[arg(long, value_delimiter = ',', value_enum)]
     pub sections: Option<Vec<Section>>,
@@ -75,7 +79,11 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             minutes.is_finite() && minutes > 0.0,
             "--soak takes a positive number of minutes"
         );
-        let figures = crate::bench::run_soak(cfg, &options, minutes, &progress)?;
+        anyhow::ensure!(
+            args.soak_loads.iter().all(|l| l.is_finite() && *l > 0.0),
+            "--soak-loads takes positive multiples of the sustainable rate"
+        );
+        let figures = crate::bench::run_soak(cfg, &options, minutes, &args.soak_loads, &progress)?;
         if args.json {
             println!("{}", serde_json::to_string_pretty(&figures)?);
         } else {

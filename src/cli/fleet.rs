@@ -342,8 +342,8 @@ fn send_ops(
             .map(|u| operator::sign_update(u, &key, &key_id))
             .collect::<anyhow::Result<Vec<_>>>()?;
         let topic = match &send.device {
-            Some(d) => format!("{}/{d}/refdb", c.bus.root),
-            None => format!("{}/fleet/{}/refdb", c.bus.root, c.fleet),
+            Some(d) => retail_contract::topics::device_refdb(&c.bus.root, d),
+            None => retail_contract::topics::fleet_refdb(&c.bus.root, &c.fleet),
         };
         eprintln!(
             "sending {} update(s) (versions {}..={}) to {} device(s) on {topic}",

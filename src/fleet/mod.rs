@@ -11,7 +11,7 @@
 //!
 //! The reference DB itself (storage, digest, index) is [`crate::refdb`]'s.
 
-pub mod keys;
+pub use retail_contract::keys;
 pub mod operator;
 pub mod receiver;
 pub mod rules;

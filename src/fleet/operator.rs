@@ -14,6 +14,7 @@ use crate::config::{Encoding, LoadedConfig};
 use crate::protocol::{self, Bytes, RefUpdate, SignedUpdate, UpdateAck, UpdateOp};
 
 use super::keys::SigningKey;
+use retail_contract::topics::{device_and_kind, Kind};
 
 /// Bytes of a RefUpdate besides its ops (ids, versions, times), generously.
 const UPDATE_OVERHEAD: usize = 1024;
@@ -252,9 +253,9 @@ impl FleetConnection {
         }
         client
             .subscribe_many([
-                rumqttc::SubscribeFilter::new(format!("{root}/+/status"), QoS::AtLeastOnce),
-                rumqttc::SubscribeFilter::new(format!("{root}/+/metrics"), QoS::AtMostOnce),
-                rumqttc::SubscribeFilter::new(format!("{root}/+/refdb/ack"), QoS::AtLeastOnce),
+                rumqttc::SubscribeFilter::new(Kind::Status.every_device(&root), QoS::AtLeastOnce),
+                rumqttc::SubscribeFilter::new(Kind::Metrics.every_device(&root), QoS::AtMostOnce),
+                rumqttc::SubscribeFilter::new(Kind::RefdbAck.every_device(&root), QoS::AtLeastOnce),
             ])
             .await?;
         Ok(Self {
@@ -308,20 +309,14 @@ impl FleetConnection {
     }
 
     fn record(&mut self, topic: &str, payload: &[u8]) {
-        let Some(rest) = topic
-            .strip_prefix(&self.root)
-            .and_then(|r| r.strip_prefix('/'))
-        else {
-            return;
-        };
-        let Some((device, kind)) = rest.split_once('/') else {
+        let Some((device, kind)) = device_and_kind(&self.root, topic) else {
             return;
         };
         let Ok(enc) = protocol::detect_encoding(payload) else {
             return;
         };
         match kind {
-            "status" => {
+            Kind::Status => {
                 if let Ok(s) = protocol::decode::<StatusView>(payload, enc) {
                     let d = self.device(device);
                     // A Will carries no fleet: keep what the last Status said.
@@ -338,12 +333,12 @@ impl FleetConnection {
                     d.status = Some(s);
                 }
             }
-            "metrics" => {
+            Kind::Metrics => {
                 if let Ok(m) = protocol::decode::<protocol::Metrics>(payload, enc) {
                     self.device(device).metrics = Some(m);
                 }
             }
-            "refdb/ack" => {
+            Kind::RefdbAck => {
                 if let Ok(a) = protocol::decode::<UpdateAck>(payload, enc) {
                     self.acks.entry(device.to_string()).or_default().push(a);
                 }

@@ -6,7 +6,7 @@
 //! serving the old snapshot meanwhile and never sees half an update.
 //! Computing embeddings from images is the caller's job (it owns the model).
 
-pub mod digest;
+pub use retail_contract::digest;
 pub mod export;
 pub mod index;
 mod seal;

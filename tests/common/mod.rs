@@ -439,18 +439,13 @@ pub fn json_request(request_id: &str, images: &[&[u8]]) -> Vec<u8> {
 
 /// A MessagePack crop request (a map; images as `bin`).
 pub fn msgpack_request(request_id: &str, images: &[&[u8]]) -> Vec<u8> {
+    use retail_testkit::{crops::image_crop, msgpack};
     use rmpv::Value;
-    let crops: Vec<Value> = images
-        .iter()
-        .map(|b| Value::Map(vec![(Value::from("image"), Value::Binary(b.to_vec()))]))
-        .collect();
-    let v = Value::Map(vec![
-        (Value::from("request_id"), Value::from(request_id)),
-        (Value::from("crops"), Value::Array(crops)),
-    ]);
-    let mut out = Vec::new();
-    rmpv::encode::write_value(&mut out, &v).unwrap();
-    out
+    let crops: Vec<Value> = images.iter().copied().map(image_crop).collect();
+    msgpack::encode(&msgpack::map(vec![
+        ("request_id", Value::from(request_id)),
+        ("crops", Value::Array(crops)),
+    ]))
 }
 
 /// A CA, a server certificate for 127.0.0.1 and client certificates whose

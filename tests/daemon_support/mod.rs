@@ -503,21 +503,10 @@ pub fn check_error_report(v: &Value, request_id: Option<&str>) -> String {
 
 // ---------------------------------------------------------------- payloads
 
-/// A MessagePack map with string keys.
-pub fn mp_map(pairs: Vec<(&str, rmpv::Value)>) -> rmpv::Value {
-    rmpv::Value::Map(
-        pairs
-            .into_iter()
-            .map(|(k, v)| (rmpv::Value::from(k), v))
-            .collect(),
-    )
-}
-
-pub fn mp_encode(v: &rmpv::Value) -> Vec<u8> {
-    let mut out = Vec::new();
-    rmpv::encode::write_value(&mut out, v).unwrap();
-    out
-}
+// A MessagePack map with string keys (`mp_map`) and its encoding
+// (`mp_encode`); not every test binary uses them.
+#[allow(unused_imports)]
+pub use retail_testkit::msgpack::{encode as mp_encode, map as mp_map};
 
 pub fn b64(bytes: &[u8]) -> String {
     use base64::Engine;

@@ -1,14 +1,16 @@
 //! Support for the fleet tests, written from the contract alone: signed
-//! updates built with rmpv and ring (never through the crate's types), the
-//! contract's content digest computed independently, and agents run as
-//! real processes of the binary.
+//! updates built with rmpv and ring (never through the crate's types) and
+//! agents run as real processes of the binary. The contract's content
+//! digest, computed independently, is `retail_testkit::digest::Content`.
 #![allow(dead_code)]
 
-use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+pub use retail_testkit::msgpack::encode;
+use retail_testkit::msgpack::map;
+use retail_testkit::topics::topic;
 use ring::signature::{Ed25519KeyPair, KeyPair};
 use rmpv::Value;
 
@@ -52,16 +54,6 @@ impl FleetKey {
 
 fn s(v: &str) -> Value {
     Value::from(v)
-}
-
-fn map(pairs: Vec<(&str, Value)>) -> Value {
-    Value::Map(pairs.into_iter().map(|(k, v)| (s(k), v)).collect())
-}
-
-pub fn encode(v: &Value) -> Vec<u8> {
-    let mut out = Vec::new();
-    rmpv::encode::write_value(&mut out, v).unwrap();
-    out
 }
 
 pub fn upsert_image(ref_id: &str, label: &str, image: &[u8]) -> Value {
@@ -167,43 +159,6 @@ pub fn envelope_json(key_id: &str, sig: &[u8], body: &[u8]) -> Vec<u8> {
         .unwrap()
 }
 
-fn sha256(b: &[u8]) -> [u8; 32] {
-    let d = ring::digest::digest(&ring::digest::SHA256, b);
-    d.as_ref().try_into().unwrap()
-}
-
-/// References as the contract's digest sees them: ref_id -> (label, kind, sha256(source)).
-#[derive(Clone, Default, Debug, PartialEq)]
-pub struct Content(pub BTreeMap<String, (String, u8, [u8; 32])>);
-
-impl Content {
-    pub fn image(&mut self, ref_id: &str, label: &str, image: &[u8]) {
-        self.0
-            .insert(ref_id.into(), (label.into(), 1, sha256(image)));
-    }
-
-    pub fn embedding(&mut self, ref_id: &str, label: &str, e: &[f32]) {
-        let bytes: Vec<u8> = e.iter().flat_map(|v| v.to_le_bytes()).collect();
-        self.0
-            .insert(ref_id.into(), (label.into(), 2, sha256(&bytes)));
-    }
-
-    /// The contract's digest: SHA-256 over refs in byte order of ref_id of
-    /// u32le(len) ref_id u32le(len) label kind sha256(source).
-    pub fn digest(&self) -> String {
-        let mut all = Vec::new();
-        for (id, (label, kind, src)) in &self.0 {
-            all.extend_from_slice(&(id.len() as u32).to_le_bytes());
-            all.extend_from_slice(id.as_bytes());
-            all.extend_from_slice(&(label.len() as u32).to_le_bytes());
-            all.extend_from_slice(label.as_bytes());
-            all.push(*kind);
-            all.extend_from_slice(src);
-        }
-        sha256(&all).iter().map(|b| format!("{b:02x}")).collect()
-    }
-}
-
 /// The synthetic reference images: (label, file name, bytes), sorted.
 pub fn reference_images() -> Vec<(String, String, Vec<u8>)> {
     retail_agent::dataset::scan(&crate::common::repo_path("testdata/synthetic/refs"))
@@ -297,7 +252,7 @@ pub async fn wait_online(
     device: &str,
     timeout: Duration,
 ) -> serde_json::Value {
-    let topic = format!("ror/{device}/status");
+    let topic = topic(device, "status");
     let deadline = Instant::now() + timeout;
     loop {
         let left = deadline
@@ -321,7 +276,7 @@ pub async fn next_ack(
     timeout: Duration,
 ) -> Option<serde_json::Value> {
     client
-        .next_on(&format!("ror/{device}/refdb/ack"), timeout)
+        .next_on(&topic(device, "refdb/ack"), timeout)
         .await
         .map(|p| to_json(&p))
 }
@@ -339,7 +294,7 @@ pub fn db_stats(home: &AgentHome) -> serde_json::Value {
 
 /// The retained Status of `device`, read by a new subscriber.
 pub async fn retained_status(port: u16, device: &str) -> serde_json::Value {
-    let topic = format!("ror/{device}/status");
+    let topic = topic(device, "status");
     let mut c = TestClient::connect(
         port,
         &format!("peek-{device}-{}", crate::daemon_support::now_ms()),
@@ -373,7 +328,7 @@ pub async fn wait_status_version(port: u16, device: &str, version: u64) -> serde
 /// (on a client subscribed to `ror/+/status`).
 pub async fn wait_all_online(client: &mut TestClient, devices: &[&str], timeout: Duration) {
     let mut missing: std::collections::BTreeSet<String> =
-        devices.iter().map(|d| format!("ror/{d}/status")).collect();
+        devices.iter().map(|d| topic(d, "status")).collect();
     let deadline = Instant::now() + timeout;
     while !missing.is_empty() {
         let left = deadline

@@ -22,7 +22,7 @@ pub const GROUP_OTHER_BITS: u32 = 0o077;
 
 /// A string that must not be printed, such as a password. It serializes as
 /// itself (the config is written back as it was read; see
-/// [`crate::config::LoadedConfig::to_masked_toml`] for what is shown) and
+/// the agent's `LoadedConfig::to_masked_toml` for what is shown) and
 /// prints as [`MASK`] in `Debug` output.
 #[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(transparent)]

@@ -60,7 +60,7 @@ impl DigestBuilder {
     }
 
     pub fn finish(self) -> String {
-        crate::manifest::hex(self.0.finish().as_ref())
+        crate::text::hex(self.0.finish().as_ref())
     }
 }
 
@@ -88,6 +88,9 @@ mod tests {
         expected.extend_from_slice(b"cola");
         expected.push(1);
         expected.extend_from_slice(&src);
-        assert_eq!(b.finish(), crate::manifest::sha256_hex(&expected));
+        assert_eq!(
+            b.finish(),
+            crate::text::hex(ring::digest::digest(&SHA256, &expected).as_ref())
+        );
     }
 }

@@ -120,7 +120,7 @@ impl SigningKey {
     }
 
     pub fn public_key_hex(&self) -> String {
-        crate::manifest::hex(&self.public_key())
+        crate::text::hex(&self.public_key())
     }
 
     pub fn sign(&self, message: &[u8]) -> Vec<u8> {
