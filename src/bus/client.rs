@@ -16,7 +16,6 @@
 //! connection and does not use this.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use rumqttc::{AsyncClient, ClientError, PubAck, PubRec, Publish, QoS, Request, Subscribe};
@@ -34,8 +33,6 @@ use super::AckToken;
 pub struct Outbox {
     queue: Mutex<Queues>,
     capacity: usize,
-    /// The publisher's backlog (messages the full outbox refused).
-    backlog: AtomicUsize,
     wake: Notify,
 }
 
@@ -57,7 +54,6 @@ impl Outbox {
         Self {
             queue: Mutex::new(Queues::default()),
             capacity: capacity.max(1),
-            backlog: AtomicUsize::new(0),
             wake: Notify::new(),
         }
     }
@@ -119,20 +115,7 @@ impl Outbox {
         });
     }
 
-    /// The publisher's backlog changed size.
-    pub fn set_backlog(&self, len: usize) {
-        let before = self.backlog.swap(len, Ordering::AcqRel);
-        if len > before {
-            self.wake.notify_one();
-        }
-    }
-
-    /// Messages the publisher keeps because the outbox was full.
-    pub fn backlog(&self) -> usize {
-        self.backlog.load(Ordering::Acquire)
-    }
-
-    /// Resolves when something was queued or put aside since the last call
+    /// Resolves when something was queued since the last call
     /// (a wake-up is kept if nobody waited for it).
     pub async fn woken(&self) {
         self.wake.notified().await;
@@ -275,7 +258,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn queueing_or_a_growing_backlog_wakes_the_event_loop() {
+    async fn queueing_wakes_the_event_loop() {
         let o = Arc::new(Outbox::new(4));
         o.push(Request::PubAck(PubAck::new(1))).unwrap();
         // The wake-up was kept for the next wait.
@@ -285,11 +268,10 @@ mod tests {
         let o2 = o.clone();
         let waiter = tokio::spawn(async move { o2.woken().await });
         tokio::task::yield_now().await;
-        o.set_backlog(4);
+        o.push(Request::PubAck(PubAck::new(2))).unwrap();
         tokio::time::timeout(std::time::Duration::from_secs(1), waiter)
             .await
-            .expect("woken by the backlog")
+            .expect("a waiting event loop is woken by the push")
             .unwrap();
-        assert_eq!(o.backlog(), 4);
     }
 }

@@ -46,21 +46,17 @@ pub enum Intake {
     Full,
 }
 
-/// What of ours is on the connection right now.
+/// What of ours needs the connection's incoming side right now. What waits
+/// to be written (the outbox, unsent acknowledgements, the publisher's
+/// backlog) is no input: the event loop writes it during a hold too.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Ours {
-    /// Requests in the outbox, not written yet.
-    pub queued: usize,
     /// Our QoS 1 publishes awaiting the broker's PUBACK.
     pub awaiting_acks: u16,
     /// A PINGREQ due, or awaiting its PINGRESP.
     pub awaiting_pingresp: bool,
     /// Requests rumqttc re-sends from an earlier connection.
     pub resending: usize,
-    /// Acknowledgements due that the full outbox did not take yet.
-    pub unsent_acks: usize,
-    /// Messages the publisher keeps because the outbox was full.
-    pub backlog: usize,
 }
 
 impl Ours {
@@ -70,12 +66,6 @@ impl Ours {
     /// does not: the event loop writes the outbox itself, during a hold too.
     pub fn needs_poll(&self) -> bool {
         self.awaiting_acks > 0 || self.awaiting_pingresp || self.resending > 0
-    }
-
-    /// Whether anything of ours waits to be written (by the event loop,
-    /// with or without a hold).
-    pub fn to_write(&self) -> bool {
-        self.queued > 0 || self.unsent_acks > 0 || self.backlog > 0
     }
 }
 
@@ -152,32 +142,6 @@ mod tests {
     }
 
     #[test]
-    fn what_waits_to_be_written_does_not_end_a_hold_the_event_loop_writes_it_anyway() {
-        let written: [Ours; 3] = [
-            Ours {
-                queued: 1,
-                ..Ours::default()
-            },
-            Ours {
-                unsent_acks: 1,
-                ..Ours::default()
-            },
-            Ours {
-                backlog: 1,
-                ..Ours::default()
-            },
-        ];
-        for ours in written {
-            assert!(ours.to_write() && !ours.needs_poll());
-            assert_eq!(
-                hold(Intake::Saturated, &ours),
-                Some(Hold::Saturated),
-                "{ours:?}"
-            );
-        }
-    }
-
-    #[test]
     fn only_a_packet_read_after_the_ping_excuses_a_missing_pingresp() {
         let ping = Instant::now();
         let before = ping - std::time::Duration::from_millis(5);
@@ -190,12 +154,9 @@ mod tests {
     #[test]
     fn the_hard_limit_holds_back_even_while_we_await_acknowledgements() {
         let results_waiting = Ours {
-            queued: 10,
             awaiting_acks: 100,
             awaiting_pingresp: true,
-            backlog: 500,
-            unsent_acks: 20,
-            ..Ours::default()
+            resending: 5,
         };
         assert_eq!(hold(Intake::Full, &results_waiting), Some(Hold::HardLimit));
     }

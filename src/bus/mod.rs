@@ -503,16 +503,13 @@ impl EventLoopTask {
         }
     }
 
-    /// What of ours is on the connection now.
+    /// What of ours needs the connection's incoming side now.
     fn ours(&self, ping_due: bool) -> flow::Ours {
         let state = &self.eventloop.state;
         flow::Ours {
-            queued: self.client.outbox().len(),
             awaiting_acks: state.inflight(),
             awaiting_pingresp: state.await_pingresp || ping_due,
             resending: self.eventloop.pending.len(),
-            unsent_acks: self.acks.unsent(),
-            backlog: self.client.outbox().backlog(),
         }
     }
 
@@ -833,7 +830,6 @@ impl PublisherTask {
                 self.hand_over(&mut backlog);
             }
             self.acks.retry(|t| self.client.try_ack(t));
-            self.client.outbox().set_backlog(backlog.messages.len());
             dropped_log.flush();
             oversized_log.flush();
             while backlog
