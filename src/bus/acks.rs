@@ -6,8 +6,8 @@
 //! brokers drop a client that breaks it, while requests finish out of order;
 //! this sequencer holds each acknowledgement until all earlier ones are due.
 //! After a reconnect the old connection's tokens are void (the broker sends
-//! the unacknowledged messages again). An acknowledgement that rumqttc
-//! cannot take right now (its request queue is full) is not lost: it waits,
+//! the unacknowledged messages again). An acknowledgement that the session's
+//! outbox cannot take right now (it is full) is not lost: it waits,
 //! with every later one behind it to keep the order, until [`AckSequencer::retry`]
 //! or the next [`AckSequencer::done`] hands it over.
 
@@ -86,7 +86,7 @@ impl AckSequencer {
         Self::hand_over(&mut self.lock(), send);
     }
 
-    /// Acknowledgements waiting because rumqttc's queue was full.
+    /// Acknowledgements waiting because the outbox was full.
     pub fn unsent(&self) -> usize {
         self.lock().unsent.len()
     }

@@ -718,8 +718,8 @@ fn log_connection_error(e: &ConnectionError, backoff: Duration) {
     );
 }
 
-/// Hands messages to rumqttc without ever waiting on it: what its full
-/// request queue cannot take stays in a backlog, in order, and is handed
+/// Hands messages to the session's [`Outbox`] without ever waiting on it:
+/// what the full outbox cannot take stays in a backlog, in order, and is handed
 /// over as room appears (every few milliseconds), so the pipeline's answers
 /// never wait on the socket and flow control can never block them (see
 /// [`flow`]). While disconnected, keeps up to `capacity` messages (QoS > 0)
@@ -735,14 +735,14 @@ pub struct PublisherTask {
     pub capacity: usize,
     pub metrics: Arc<Metrics>,
     pub acks: Arc<AckSequencer>,
-    /// `bus.max_packet_bytes`: a larger message is never handed to rumqttc
+    /// `bus.max_packet_bytes`: a larger message is never handed to the outbox
     /// (it would drop the connection, and re-send it after reconnecting).
     pub max_packet_bytes: usize,
     /// Where the task registers its heartbeat.
     pub health: crate::health::Health,
 }
 
-/// How often the publisher retries a backlog that rumqttc's queue refused.
+/// How often the publisher retries a backlog that the full outbox refused.
 const BACKLOG_RETRY: Duration = Duration::from_millis(2);
 
 /// An [`Outbound`] message placed: topic, QoS and retain chosen, size
@@ -756,7 +756,7 @@ struct Publication {
     ack: Option<AckToken>,
 }
 
-/// The publisher's messages not yet handed to rumqttc, and the flushes
+/// The publisher's messages not yet handed to the outbox, and the flushes
 /// waiting for them.
 struct Backlog {
     messages: VecDeque<Publication>,
@@ -905,7 +905,7 @@ impl PublisherTask {
         }
     }
 
-    /// Hands the backlog to rumqttc in order until its queue is full.
+    /// Hands the backlog to the outbox in order until it is full.
     fn hand_over(&self, backlog: &mut Backlog) {
         while let Some(mut m) = backlog.messages.pop_front() {
             if !fits_packet(&m.topic, m.payload.len(), self.max_packet_bytes) {
